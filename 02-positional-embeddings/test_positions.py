@@ -1,0 +1,301 @@
+"""Tests for positions.py: references (HF Llama RoPE, the ALiBi closed form, the sinusoid formula),
+the properties that define each scheme, and the argument checks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+import positions as P
+
+
+# ------------------------------------------------------------------------------------------------ sinusoidal
+def test_sinusoidal_matches_formula_elementwise():
+    T, d = 13, 10
+    table = P.sinusoidal_table(T, d)
+    assert table.shape == (T, d) and table.dtype == torch.float32
+    for p in range(T):
+        for i in range(d // 2):
+            angle = p / 10000 ** (2 * i / d)
+            assert math.isclose(table[p, 2 * i].item(), math.sin(angle), abs_tol=1e-6)
+            assert math.isclose(table[p, 2 * i + 1].item(), math.cos(angle), abs_tol=1e-6)
+
+
+def test_sinusoidal_row_zero_and_norm():
+    table = P.sinusoidal_table(50, 16)
+    torch.testing.assert_close(table[0, 0::2], torch.zeros(8))
+    torch.testing.assert_close(table[0, 1::2], torch.ones(8))
+    # every row is d/2 (sin, cos) pairs of unit length: |row|^2 = d/2
+    torch.testing.assert_close(table.pow(2).sum(-1), torch.full((50,), 8.0), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("T, d, exc", [(0, 8, ValueError), (4, 7, ValueError), (4, 0, ValueError),
+                                       (4.0, 8, TypeError), (True, 8, TypeError), (-3, 8, ValueError)])
+def test_sinusoidal_bad_args(T, d, exc):
+    with pytest.raises(exc):
+        P.sinusoidal_table(T, d)
+
+
+def test_sinusoidal_bad_base():
+    with pytest.raises(ValueError, match="theta"):
+        P.sinusoidal_table(4, 8, base=1.0)
+
+
+# --------------------------------------------------------------------------------------------------- learned
+def test_learned_positions_shape_grad_and_limit():
+    torch.manual_seed(0)
+    learned = P.LearnedPositions(max_len=16, d=8)
+    out = learned(10)
+    assert out.shape == (10, 8)
+    out.sum().backward()
+    assert learned.table.grad[:10].abs().sum() > 0 and learned.table.grad[10:].abs().sum() == 0
+    with pytest.raises(ValueError, match="max_len=16"):
+        learned(17)
+    with pytest.raises(ValueError):
+        learned(0)
+    with pytest.raises(ValueError):
+        P.LearnedPositions(0, 8)
+
+
+# ------------------------------------------------------------------------------------------------------ RoPE
+def hf_rope(q, k, theta=10000.0):
+    """The reference: transformers' Llama rotary embedding applied to q, k (B, H, T, hd)."""
+    B, H, T, hd = q.shape
+    config = LlamaConfig(hidden_size=H * hd, num_attention_heads=H, head_dim=hd, max_position_embeddings=4 * T,
+                         rope_parameters={"rope_type": "default", "rope_theta": theta})
+    rotary = LlamaRotaryEmbedding(config)
+    position_ids = torch.arange(T)[None].expand(B, T)
+    cos, sin = rotary(q, position_ids)
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("hd, T, theta", [(8, 16, 10000.0), (32, 64, 10000.0), (16, 200, 500000.0)])
+def test_rope_matches_hf_llama(hd, T, theta):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, T, hd), torch.randn(2, 3, T, hd)
+    q_ref, k_ref = hf_rope(q, k, theta)
+    cos, sin = P.rope_cos_sin(torch.arange(T), hd, theta)
+    # HF builds angles in float32 (error ~ position * 6e-8 rad); ours in float64, so allow a few 1e-5.
+    torch.testing.assert_close(P.apply_rope(q, cos, sin), q_ref, rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(P.apply_rope(k, cos, sin), k_ref, rtol=1e-5, atol=5e-5)
+
+
+def test_rope_is_a_rotation_of_pairs():
+    torch.manual_seed(1)
+    hd, T = 12, 9
+    x = torch.randn(T, hd, dtype=torch.float64)
+    cos, sin = P.rope_cos_sin(torch.arange(T), hd, dtype=torch.float64)
+    y = P.apply_rope(x, cos, sin)
+    # norms preserved, position 0 untouched, and pair (0, hd/2) at position 1 turned by exactly 1 radian
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y[0], x[0])
+    a, b = x[1, 0].item(), x[1, hd // 2].item()
+    assert math.isclose(y[1, 0].item(), a * math.cos(1) - b * math.sin(1), abs_tol=1e-12)
+    assert math.isclose(y[1, hd // 2].item(), b * math.cos(1) + a * math.sin(1), abs_tol=1e-12)
+
+
+def test_rope_score_depends_only_on_offset():
+    torch.manual_seed(2)
+    N, hd = 200, 16
+    q, k = torch.randn(N, hd, dtype=torch.float64), torch.randn(N, hd, dtype=torch.float64)
+    m, n = torch.randint(0, 512, (N,)), torch.randint(0, 512, (N,))
+    shift = torch.randint(-300, 3000, (N,))
+    base = P.rope_scores(q, k, m, n)
+    shifted = P.rope_scores(q, k, m + shift, n + shift)
+    torch.testing.assert_close(shifted, base, rtol=0, atol=1e-9)
+    # and the score does change with the offset itself (otherwise the check above is vacuous)
+    assert (P.rope_scores(q, k, m + 1, n) - base).abs().max() > 1e-2
+
+
+def test_rope_bad_args():
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        P.rope_cos_sin(torch.arange(4), 7)
+    with pytest.raises(ValueError, match="head_dim"):
+        P.rope_cos_sin(torch.arange(4), 0)
+    with pytest.raises(ValueError, match="positions"):
+        P.rope_cos_sin(torch.arange(4)[None], 8)
+    cos, sin = P.rope_cos_sin(torch.arange(4), 8)
+    with pytest.raises(ValueError, match="cos and sin"):
+        P.apply_rope(torch.randn(2, 5, 8), cos, sin)
+    with pytest.raises(ValueError, match="even head_dim"):
+        P.apply_rope(torch.randn(2, 4, 7), cos, sin)
+    with pytest.raises(ValueError, match="q and k"):
+        P.rope_scores(torch.randn(3, 8), torch.randn(4, 8), torch.arange(3), torch.arange(4))
+
+
+# ----------------------------------------------------------------------------------------------------- ALiBi
+def paper_slopes(n):
+    """Press et al.'s reference get_slopes, transcribed."""
+    def power_of_2(n):
+        start = 2 ** (-2 ** -(math.log2(n) - 3))
+        return [start * start ** i for i in range(n)]
+    if math.log2(n).is_integer():
+        return power_of_2(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return power_of_2(closest) + paper_slopes(2 * closest)[0::2][: n - closest]
+
+
+@pytest.mark.parametrize("n_head", [1, 2, 3, 4, 5, 6, 8, 12, 16, 20, 32])
+def test_alibi_slopes_closed_form(n_head):
+    torch.testing.assert_close(P.alibi_slopes(n_head), torch.tensor(paper_slopes(n_head), dtype=torch.float32),
+                               rtol=1e-6, atol=0)
+
+
+def test_alibi_slopes_known_values():
+    torch.testing.assert_close(P.alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
+    # 6 heads: the 4-head slopes (2^-2, 2^-4, 2^-6, 2^-8) then 2^-1, 2^-3 from the 8-head sequence
+    torch.testing.assert_close(P.alibi_slopes(6), torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8,
+                                                                2.0 ** -1, 2.0 ** -3]))
+
+
+def test_alibi_bias_values_and_mask():
+    bias = P.alibi_bias(4, 5, causal=True)
+    assert bias.shape == (4, 5, 5)
+    slopes = P.alibi_slopes(4)
+    for h in range(4):
+        for m in range(5):
+            for n in range(5):
+                expected = -slopes[h].item() * (m - n) if n <= m else float("-inf")
+                assert bias[h, m, n].item() == pytest.approx(expected)
+    torch.testing.assert_close(P.alibi_bias(4, 5, causal=False), P.alibi_bias(4, 5, causal=False).transpose(1, 2))
+
+
+@pytest.mark.parametrize("n_head", [0, -1])
+def test_alibi_bad_args(n_head):
+    with pytest.raises(ValueError, match="n_head"):
+        P.alibi_slopes(n_head)
+    with pytest.raises(TypeError, match="n_head"):
+        P.alibi_slopes(2.0)
+    with pytest.raises(ValueError, match="T"):
+        P.alibi_bias(4, 0)
+
+
+# ------------------------------------------------------------------------------------------------- attention
+@pytest.mark.parametrize("scheme", ["none", "rope", "alibi", "sinusoidal"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_sdpa(scheme, causal):
+    torch.manual_seed(3)
+    B, H, T, hd = 2, 4, 11, 8
+    q, k, v = (torch.randn(B, H, T, hd) for _ in range(3))
+    ours = P.attention(q, k, v, scheme=scheme, causal=causal)
+    if scheme == "rope":
+        cos, sin = P.rope_cos_sin(torch.arange(T), hd)
+        q, k = P.apply_rope(q, cos, sin), P.apply_rope(k, cos, sin)
+    if scheme == "alibi":
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=P.alibi_bias(H, T, causal=causal))
+    else:
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_weights_rows_sum_to_one_and_bad_args():
+    q = torch.randn(1, 2, 6, 4)
+    _, w = P.attention(q, q, q, scheme="alibi", return_weights=True)
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, 6))
+    assert torch.all(w[0, :, 0, 1:] == 0)
+    with pytest.raises(ValueError, match="scheme"):
+        P.attention(q, q, q, scheme="xpos")
+    with pytest.raises(ValueError, match="B, H, T, hd"):
+        P.attention(q, q[..., :2], q)
+
+
+def test_unmasked_nope_attention_is_permutation_equivariant_and_rope_is_not():
+    torch.manual_seed(4)
+    x = torch.randn(1, 2, 10, 8)
+    perm = torch.randperm(10)
+    nope = (P.attention(x[:, :, perm], x[:, :, perm], x[:, :, perm], causal=False)
+            - P.attention(x, x, x, causal=False)[:, :, perm]).abs().max()
+    rope = (P.attention(x[:, :, perm], x[:, :, perm], x[:, :, perm], scheme="rope", causal=False)
+            - P.attention(x, x, x, scheme="rope", causal=False)[:, :, perm]).abs().max()
+    assert nope < 1e-5 and rope > 1e-2
+
+
+# ---------------------------------------------------------------------------------------- measure & break
+def test_similarity_by_distance():
+    sim = P.similarity_by_distance(P.sinusoidal_table(64, 32))
+    assert sim.shape == (64,)
+    assert sim[0].item() == pytest.approx(1.0, abs=1e-6)
+    # nearby sinusoidal positions are more alike than distant ones
+    assert sim[1] > sim[8] > sim[32]
+    # a constant table ("none") is identical at every distance
+    torch.testing.assert_close(P.similarity_by_distance(torch.ones(5, 3)), torch.ones(5))
+    with pytest.raises(ValueError, match="table"):
+        P.similarity_by_distance(torch.ones(5))
+
+
+def test_first_token_task_distinct_and_uniform():
+    generator = torch.Generator().manual_seed(0)
+    N, T, V = 20000, 6, 10
+    x, y = P.first_token_task(N, T, V, generator)
+    assert x.shape == y.shape == (N, T) and x.dtype == torch.long
+    assert all(len(set(row)) == T for row in x[:500].tolist())
+    assert torch.equal(y, x[:, :1].expand(N, T))
+    # each token is first with probability 1/V: counts within 5 sigma of the binomial mean
+    counts = torch.bincount(x[:, 0], minlength=V).double()
+    mean, sigma = N / V, math.sqrt(N * (1 / V) * (1 - 1 / V))
+    assert (counts - mean).abs().max() < 5 * sigma
+
+
+def test_first_token_task_bad_args():
+    with pytest.raises(ValueError, match="seq_len=11"):
+        P.first_token_task(4, 11, 10)
+    with pytest.raises(ValueError, match="n_seqs"):
+        P.first_token_task(0, 3, 10)
+    with pytest.raises(TypeError, match="vocab_size"):
+        P.first_token_task(4, 3, "10")
+
+
+def test_order_accuracy():
+    y = torch.tensor([[3, 3, 3, 3]])
+    logits = F.one_hot(torch.tensor([[3, 3, 1, 1]]), 5).float()
+    assert P.order_accuracy(logits, y) == pytest.approx(1 / 3)
+    assert P.order_accuracy(logits, y, skip_first=False) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="logits"):
+        P.order_accuracy(logits[0], y)
+    with pytest.raises(ValueError, match="T > 1"):
+        P.order_accuracy(logits[:, :1], y[:, :1])
+
+
+def test_permutation_gap():
+    idx = torch.arange(12).view(2, 6)
+    perm = torch.tensor([5, 0, 2, 1, 4, 3])
+    table = torch.randn(20, 3)
+    assert P.permutation_gap(lambda i: table[i], idx, perm) == 0.0                       # per-token map
+    assert P.permutation_gap(lambda i: table[i].cumsum(1), idx, perm) > 0                # order-aware map
+    with pytest.raises(ValueError, match="permutation"):
+        P.permutation_gap(lambda i: table[i], idx, torch.tensor([0, 0, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="idx"):
+        P.permutation_gap(lambda i: table[i], idx[0], perm)
+
+
+class TinyOrderModel(nn.Module):
+    """A one-layer order-aware model: embeddings + learned positions + causal attention."""
+
+    def __init__(self, V, T, d=32):
+        super().__init__()
+        self.emb, self.pos, self.out = nn.Embedding(V, d), P.LearnedPositions(T, d, init_std=1.0), nn.Linear(d, V)
+        self.qk = nn.Linear(d, 2 * d)
+
+    def forward(self, idx):
+        x = self.emb(idx) + self.pos(idx.shape[1])
+        q, k = self.qk(x).chunk(2, -1)
+        h = P.attention(q[:, None], k[:, None], x[:, None], causal=True)[:, 0]
+        return self.out(h), None
+
+
+def test_fit_first_token_learns_with_positions():
+    torch.manual_seed(0)
+    V, T = 12, 6
+    model = TinyOrderModel(V, T)
+    losses = P.fit_first_token(model, steps=300, seq_len=T, vocab_size=V, lr=1e-2, seed=0)
+    assert len(losses) == 300 and losses[-1] < 0.5 * losses[0]
+    x, y = P.first_token_task(1000, T, V, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        accuracy = P.order_accuracy(model(x)[0], y)
+    assert accuracy > 3 / T   # chance for an order-blind model is 1/T
+    with pytest.raises(ValueError, match="steps"):
+        P.fit_first_token(model, steps=0, seq_len=T, vocab_size=V)
