@@ -15,6 +15,7 @@ Metrics for the sampled text: `entropy` of a (filtered) next-token distribution,
 from __future__ import annotations
 
 import html
+import inspect
 import math
 import numbers
 from collections import Counter
@@ -293,26 +294,35 @@ def longest_loop(ids, max_period: int | None = None) -> tuple[int, int]:
 
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, generator: torch.Generator | None = None,
-             greedy: bool = False, **knobs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Autoregressive sampling with `sample` (no KV cache: the whole window is re-run each step, which is
-    cheap at these sizes and keeps the loop obvious). `model(idx)` must return `(logits (B, T, V), _)`.
+             greedy: bool = False, use_cache: bool = True, **knobs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Autoregressive decoding with `sample`. `model(idx)` must return `(logits (B, T, V), _)`.
 
     prompt_ids (B, T0) long -> (ids (B, T0 + max_new_tokens), step_entropy (B, max_new_tokens)), where
     step_entropy is the entropy in nats of the filtered distribution each token was drawn from (0 for greedy).
-    `knobs` are `sample`'s: temperature, top_k, top_p, min_p, repetition_penalty (prev_ids is the
-    generated text so far, prompt included)."""
-    if prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long:
-        raise ValueError(f"prompt_ids must be (B, T0) long, got {tuple(prompt_ids.shape)} {prompt_ids.dtype}")
+    `knobs` are `sample`'s: temperature, top_k, top_p, min_p, repetition_penalty (its prev_ids is the text so
+    far, prompt included, as in transformers). With `use_cache` and a model whose forward takes
+    `start_pos, caches` (shared.model.GPT), only the new token is run each step; otherwise the whole
+    window (the last `block_size` tokens) is re-run, which is slower but gives the same distribution."""
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long:
+        raise ValueError(f"prompt_ids must be a (B, T0) long tensor, got "
+                         f"{getattr(prompt_ids, 'shape', type(prompt_ids).__name__)}")
+    if prompt_ids.shape[1] == 0:
+        raise ValueError("prompt_ids must hold at least one token per row, got T0 = 0")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    block = getattr(getattr(model, "cfg", None), "block_size", None) or getattr(
-        getattr(model, "config", None), "block_size", None)
-    ids, entropies = prompt_ids, []
+    block = getattr(getattr(model, "cfg", None), "block_size", None)
+    cached = use_cache and "caches" in inspect.signature(model.forward).parameters
+    caches = [{} for _ in model.blocks] if cached else None
+    ids, fed, entropies = prompt_ids, 0, []                               # fed: tokens already in the caches
     for _ in range(max_new_tokens):
-        window = ids if block is None else ids[:, -block:]
-        logits = model(window)[0][:, -1, :].float()                      # (B, V)
-        penalty = knobs.get("repetition_penalty")
-        step_knobs = dict(knobs, prev_ids=ids) if penalty is not None else knobs
+        if caches is not None and (block is None or ids.shape[1] <= block):
+            logits = model(ids[:, fed:], start_pos=fed, caches=caches)[0]
+            fed = ids.shape[1]
+        else:
+            caches = None                                                  # past the trained context: slide
+            logits = model(ids if block is None else ids[:, -block:])[0]
+        logits = logits[:, -1, :].float()                                  # (B, V)
+        step_knobs = dict(knobs, prev_ids=ids) if knobs.get("repetition_penalty") is not None else knobs
         if greedy:
             entropies.append(torch.zeros(ids.shape[0]))
         else:

@@ -226,3 +226,35 @@ def test_generate_and_perplexity_on_a_bigram():
 def test_bad_arguments_raise(call, exc, words):
     with pytest.raises(exc, match=words):
         call(random_logits(11, B=4, V=10))
+
+
+def tiny_gpt():
+    from shared.model import GPT, GPTConfig
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, block_size=24, n_layer=2, n_head=2, d_model=32, init_std=0.3)
+    return GPT(cfg).eval()
+
+
+def test_generate_matches_gpt_generate_and_cache_is_transparent():
+    m = tiny_gpt()
+    prompt = torch.randint(0, 64, (4, 5), generator=torch.Generator().manual_seed(1))
+    ref = m.generate(prompt, 12, temperature=0.8, top_k=10, generator=torch.Generator().manual_seed(2))
+    mine, ent = S.generate(m, prompt, 12, temperature=0.8, top_k=10, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(mine, ref)
+    slow, ent_slow = S.generate(m, prompt, 12, temperature=0.8, top_k=10, use_cache=False,
+                                generator=torch.Generator().manual_seed(2))
+    assert torch.equal(mine, slow)
+    torch.testing.assert_close(ent, ent_slow, rtol=1e-4, atol=1e-5)
+    # past block_size (24) the loop slides its window instead of failing
+    long, _ = S.generate(m, prompt, 30, greedy=True)
+    assert long.shape == (4, 35)
+
+
+def test_generate_bad_arguments():
+    m = Bigram()
+    with pytest.raises(ValueError, match="prompt_ids"):
+        S.generate(m, torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="T0 = 0"):
+        S.generate(m, torch.zeros(1, 0, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        S.generate(m, torch.zeros(1, 1, dtype=torch.long), -1)
