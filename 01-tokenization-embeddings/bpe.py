@@ -1,0 +1,513 @@
+"""A byte-level BPE tokenizer written from scratch, identical to tiktoken on the same ranks.
+
+Pieces, in the order a reader meets them:
+
+* **Pre-splitting** (`pre_split`): a regex cuts text into chunks ("words"); BPE never merges across chunk
+  boundaries. `CL100K_PATTERN` (GPT-4) is the default, `GPT2_PATTERN` the older one, `None` switches it off
+  (each document is then one chunk).
+* **Training** (`train`): start from the 256 single bytes and repeatedly merge the most frequent adjacent
+  pair. Pair counts are kept and updated *incrementally*: a merge only revisits the chunks that contain the
+  merged pair (an index pair -> chunks), and a max-heap with lazy deletion finds the next best pair. Ties are
+  broken deterministically: among pairs with the highest count, the smallest `(left_id, right_id)` wins.
+* **Encoding** (`BPETokenizer.encode`): tiktoken's rule. Inside one chunk, repeatedly merge the adjacent
+  pair whose concatenated bytes has the lowest rank (id) in the vocabulary, leftmost first, until no adjacent
+  pair is a token. With cl100k's ranks this reproduces tiktoken token for token.
+* **Export** (`BPETokenizer.to_tiktoken`): our ranks as a `tiktoken.Encoding` (Rust speed, same output).
+* **Visualiser** (`plot_tokens`): text as coloured token spans with ids underneath, in a matplotlib axes.
+
+Shapes: everything here is 1-D: text `str` -> ids `list[int]` of length T (T tokens); `decode` inverts it.
+"""
+from __future__ import annotations
+
+import base64
+import heapq
+import json
+import operator
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import regex
+
+# GPT-4 / cl100k_base split pattern (possessive quantifiers, as tiktoken ships it).
+CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                  r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+# GPT-2 split pattern.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# Used when exporting a tokenizer without pre-splitting to tiktoken: the whole text is one chunk.
+_WHOLE_TEXT_PATTERN = r"[\s\S]+"
+
+_DEFAULT = object()  # sentinel: "use CL100K_PATTERN"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument checks
+def _check_str(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    return value
+
+
+def _check_pattern(pattern) -> str | None:
+    if pattern is _DEFAULT:
+        return CL100K_PATTERN
+    if pattern is None:
+        return None
+    _check_str(pattern, "pattern")
+    try:
+        regex.compile(pattern)
+    except regex.error as err:
+        raise ValueError(f"pattern must be a valid regex, got {pattern!r} ({err})") from None
+    return pattern
+
+
+def _check_specials(special_tokens) -> list[str]:
+    if special_tokens is None:
+        return []
+    if isinstance(special_tokens, str):
+        raise TypeError("special_tokens must be a sequence of str (not a single str), "
+                        f"got {special_tokens!r}")
+    specials = list(special_tokens)
+    for s in specials:
+        _check_str(s, "each special token")
+        if not s:
+            raise ValueError("special_tokens must not contain the empty string")
+    if len(set(specials)) != len(specials):
+        raise ValueError(f"special_tokens must be distinct, got {specials}")
+    return specials
+
+
+def _documents(text) -> list[str]:
+    """`text` as a list of documents: a str is one document; a sequence of str is several."""
+    if isinstance(text, str):
+        return [text]
+    if isinstance(text, (bytes, bytearray)) or not isinstance(text, Iterable):
+        raise TypeError(f"text must be a str or a sequence of str, got {type(text).__name__}")
+    docs = list(text)
+    for d in docs:
+        _check_str(d, "each document in text")
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pre-splitting
+def pre_split(text: str, pattern: str | None = CL100K_PATTERN) -> list[str]:
+    """Cut `text` into the chunks BPE works inside. `pattern=None`: the whole text is one chunk.
+
+    >>> pre_split("Hello world!!")
+    ['Hello', ' world', '!!']
+    """
+    _check_str(text, "text")
+    if pattern is None:
+        return [text] if text else []
+    return regex.findall(pattern, text)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """Replace every non-overlapping occurrence of `pair` in `ids` (left to right) by `new_id`.
+
+    `ids`: (T,) -> (T',) with T' <= T.  >>> merge_pair([1, 1, 1, 2], (1, 1), 9)  ->  [9, 1, 2]
+    """
+    a, b = pair
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if i + 1 < n and ids[i] == a and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _merge_in_word(word: list[int], pair: tuple[int, int], new_id: int) -> tuple[list[int], list[int], list[int]]:
+    """Merge `pair` in one chunk; return (new word, old pair positions that changed, new pair positions).
+
+    A pair at position j is (w[j], w[j+1]). Only pairs next to a merge change: for an occurrence at old
+    position i those are the old pairs at i-1, i, i+1 and, around the new token at position k, the new pairs
+    at k-1 and k. Every other pair maps one-to-one from the old word to the new one.
+    """
+    a, b = pair
+    n = len(word)
+    occurrences, i = [], 0
+    try:
+        while True:
+            i = word.index(a, i)  # C-speed scan for the left id
+            if i + 1 < n and word[i + 1] == b:
+                occurrences.append(i)
+                i += 2  # non-overlapping, left to right: "aaa" with (a, a) -> [new, a]
+            else:
+                i += 1
+    except ValueError:
+        pass
+    if not occurrences:
+        return word, [], []
+    old_positions = sorted({j for i in occurrences for j in (i - 1, i, i + 1) if 0 <= j < n - 1})
+    new, new_tokens_at, prev = [], [], 0
+    for i in occurrences:
+        new.extend(word[prev:i])
+        new_tokens_at.append(len(new))
+        new.append(new_id)
+        prev = i + 2
+    new.extend(word[prev:])
+    new_positions = sorted({j for k in new_tokens_at for j in (k - 1, k) if 0 <= j < len(new) - 1})
+    return new, old_positions, new_positions
+
+
+def train_merges(words: list[list[int]], freqs: list[int], n_merges: int,
+                 first_id: int = 256) -> list[tuple[int, int]]:
+    """Learn up to `n_merges` merges on chunks `words` (each a list of ids) occurring `freqs` times.
+
+    Incremental: `pair_counts[p]` holds the weighted count of pair p over all chunks, `where[p]` the
+    chunks that contained p at some point (a superset; a chunk without p is skipped). A merge rewrites
+    only the chunks in `where[p]` and only the pairs next to each merged occurrence, so the work per merge
+    is proportional to the occurrences it merges, not to the corpus. The best pair comes from a heap of
+    (-count, pair): an entry goes stale when its count drops and is re-pushed with the current count when
+    popped (an existing pair's count can only go down; pairs with the new token are pushed after each
+    merge). Ties: the smallest (left, right) id pair. Stops early when no adjacent pair is left.
+    `words` is modified in place. Returns the merges in order; merge k creates id `first_id + k`.
+    """
+    pair_counts: Counter = Counter()
+    where: dict[tuple[int, int], set[int]] = {}
+    for w_idx, (word, freq) in enumerate(zip(words, freqs)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += freq
+            where.setdefault(pair, set()).add(w_idx)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[int, int]] = []
+    while len(merges) < n_merges and heap:
+        neg_count, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count != -neg_count:  # stale entry: re-push with the current (smaller) count
+            if count > 0:
+                heapq.heappush(heap, (-count, pair))
+            continue
+        new_id = first_id + len(merges)
+        merges.append(pair)
+        pairs_with_new_id = set()
+        for w_idx in where.pop(pair):
+            old, freq = words[w_idx], freqs[w_idx]
+            new, old_positions, new_positions = _merge_in_word(old, pair, new_id)
+            for j in old_positions:
+                pair_counts[(old[j], old[j + 1])] -= freq
+            for j in new_positions:
+                p = (new[j], new[j + 1])
+                pair_counts[p] += freq
+                where.setdefault(p, set()).add(w_idx)
+                pairs_with_new_id.add(p)
+            words[w_idx] = new
+        if pair_counts.pop(pair) != 0:
+            raise AssertionError(f"internal error: pair {pair} still counted after its merge")
+        for p in pairs_with_new_id:
+            if pair_counts[p] > 0:
+                heapq.heappush(heap, (-pair_counts[p], p))
+    return merges
+
+
+def train(text: str | Sequence[str], vocab_size: int, *, pattern=_DEFAULT,
+          special_tokens: Sequence[str] | None = ("<|endoftext|>",)) -> "BPETokenizer":
+    """Train a byte-level BPE of `vocab_size` tokens (256 bytes + merges + `special_tokens`).
+
+    `text`: one str, or a sequence of documents (chunks never span two documents). `pattern`: split regex
+    (default `CL100K_PATTERN`; `None` = no pre-split, each document is one chunk). Special-token strings in
+    the training text are ordinary text. Ids: bytes 0..255, merge k -> 256 + k, then the specials.
+    If the text runs out of pairs first, the vocabulary is smaller than asked (see `n_vocab`).
+    """
+    docs = _documents(text)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+    pattern = _check_pattern(pattern)
+    specials = _check_specials(special_tokens)
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size must be >= 256 + {len(specials)} special tokens = "
+                         f"{256 + len(specials)}, got {vocab_size}")
+    # Count unique chunks once: a word that occurs 10,000 times is merged once, weighted by 10,000.
+    chunk_counts = Counter()
+    for doc in docs:
+        chunk_counts.update(pre_split(doc, pattern))
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+    freqs = list(chunk_counts.values())
+    merges = train_merges(words, freqs, vocab_size - 256 - len(specials))
+    return BPETokenizer.from_merges(merges, pattern=pattern, special_tokens=specials)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the tokenizer
+class BPETokenizer:
+    """Byte-level BPE: `ranks` (token bytes -> id), a split `pattern`, `special_tokens` (str -> id).
+
+    A lower id means an earlier merge (tiktoken calls ids "ranks"). `merges` holds the (left, right) id
+    pairs when the tokenizer was trained here, else None (ranks loaded from tiktoken).
+    """
+
+    def __init__(self, ranks: dict[bytes, int], *, pattern=_DEFAULT,
+                 special_tokens: dict[str, int] | None = None,
+                 merges: list[tuple[int, int]] | None = None):
+        if not isinstance(ranks, dict):
+            raise TypeError(f"ranks must be a dict bytes -> int, got {type(ranks).__name__}")
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise ValueError(f"ranks must contain all 256 single bytes, {len(missing)} missing "
+                             f"(first: {missing[0]})")
+        special_tokens = dict(special_tokens or {})
+        _check_specials(list(special_tokens))
+        self.ranks = ranks
+        self.pattern = _check_pattern(pattern)
+        self.special_tokens = special_tokens
+        self.merges = merges
+        self.decoder = {i: b for b, i in ranks.items()}
+        self.special_decoder = {i: s for s, i in special_tokens.items()}
+        if len(self.decoder) != len(ranks):
+            raise ValueError("ranks must map distinct byte strings to distinct ids")
+        clash = set(self.decoder) & set(self.special_decoder)
+        if clash:
+            raise ValueError(f"special token ids collide with ordinary ids: {sorted(clash)[:5]}")
+        self._split = regex.compile(self.pattern) if self.pattern is not None else None
+        self._cache: dict[bytes, list[int]] = {}
+
+    # --- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_merges(cls, merges: list[tuple[int, int]], *, pattern=_DEFAULT,
+                    special_tokens: Sequence[str] = ()) -> "BPETokenizer":
+        """Vocabulary from an ordered merge list: bytes 0..255, merge k -> 256 + k, then the specials."""
+        vocab = {i: bytes([i]) for i in range(256)}
+        for k, (a, b) in enumerate(merges):
+            vocab[256 + k] = vocab[a] + vocab[b]
+        ranks = {tok: i for i, tok in vocab.items()}
+        if len(ranks) != len(vocab):
+            raise ValueError("merges produce the same byte string twice")
+        specials = {s: len(vocab) + j for j, s in enumerate(_check_specials(special_tokens))}
+        return cls(ranks, pattern=pattern, special_tokens=specials, merges=list(merges))
+
+    @classmethod
+    def from_tiktoken(cls, encoding) -> "BPETokenizer":
+        """Take the ranks, split pattern and special tokens of a `tiktoken.Encoding` (e.g. cl100k_base)."""
+        return cls(dict(encoding._mergeable_ranks), pattern=encoding._pat_str,
+                   special_tokens=dict(encoding._special_tokens))
+
+    def to_tiktoken(self, name: str = "bpe_from_scratch"):
+        """Our vocabulary as a `tiktoken.Encoding` (Rust): same ids as `self.encode`."""
+        import tiktoken
+        return tiktoken.Encoding(name, pat_str=self.pattern if self.pattern is not None else _WHOLE_TEXT_PATTERN,
+                                 mergeable_ranks=dict(self.ranks), special_tokens=dict(self.special_tokens))
+
+    def truncated(self, vocab_size: int) -> "BPETokenizer":
+        """The tokenizer a shorter training run would have produced: the first merges, same specials.
+
+        BPE training is greedy and sequential, so stopping after k merges gives exactly the first k merges
+        of a longer run. Only for tokenizers trained here (`merges` is not None).
+        """
+        if self.merges is None:
+            raise ValueError("truncated() needs a tokenizer trained here (merges is None)")
+        n_merges = vocab_size - 256 - len(self.special_tokens)
+        if not 0 <= n_merges <= len(self.merges):
+            raise ValueError(f"vocab_size must be in [{256 + len(self.special_tokens)}, {self.n_vocab}], "
+                             f"got {vocab_size}")
+        specials = sorted(self.special_tokens, key=self.special_tokens.get)
+        return BPETokenizer.from_merges(self.merges[:n_merges], pattern=self.pattern, special_tokens=specials)
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.ranks) + len(self.special_tokens)
+
+    # --- encoding --------------------------------------------------------------------------------------
+    def _bpe(self, piece: bytes) -> list[int]:
+        """One chunk's bytes (L,) -> ids (T,), T <= L, by lowest-rank-first merging (tiktoken's rule)."""
+        if piece in self.ranks:  # tiktoken's shortcut: a chunk that is a whole token is that token
+            return [self.ranks[piece]]
+        cached = self._cache.get(piece)
+        if cached is not None:
+            return cached
+        parts = [piece[i:i + 1] for i in range(len(piece))]
+        ranks = self.ranks
+        while len(parts) > 1:
+            best_rank, best_i = None, -1
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and (best_rank is None or r < best_rank):  # '<': leftmost wins a tie
+                    best_rank, best_i = r, i
+            if best_rank is None:
+                break
+            parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+        ids = [ranks[p] for p in parts]
+        if len(self._cache) < 200_000:
+            self._cache[piece] = ids
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Text -> ids, with special-token strings treated as plain text."""
+        _check_str(text, "text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: the same fix-up tiktoken applies
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        chunks = self._split.findall(text) if self._split is not None else ([text] if text else [])
+        ids: list[int] = []
+        for chunk in chunks:
+            ids.extend(self._bpe(chunk.encode("utf-8")))
+        return ids
+
+    def encode(self, text: str, *, allowed_special="none", disallowed_special="all") -> list[int]:
+        """Text -> ids (T,), with tiktoken's special-token rules.
+
+        `allowed_special`: "all", "none" or a set of special strings encoded as their special id.
+        `disallowed_special`: "all" (= every special not allowed) or a collection; if one occurs in the text,
+        ValueError (a guard against prompt injection). Pass `disallowed_special=()` to encode them as text.
+        """
+        _check_str(text, "text")
+        if allowed_special == "all":
+            allowed = set(self.special_tokens)
+        elif allowed_special == "none":
+            allowed = set()
+        else:
+            allowed = set(allowed_special)
+            unknown = allowed - set(self.special_tokens)
+            if unknown:
+                raise ValueError(f"allowed_special has unknown special tokens {sorted(unknown)}; "
+                                 f"known: {sorted(self.special_tokens)}")
+        disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
+        if disallowed:
+            hit = regex.search("|".join(regex.escape(s) for s in disallowed), text)
+            if hit:
+                raise ValueError(f"text contains the disallowed special token {hit.group()!r}; pass "
+                                 "allowed_special={...} to encode it as a special token, or "
+                                 "disallowed_special=() to encode it as text")
+        if not allowed:
+            return self.encode_ordinary(text)
+        # split on allowed specials (longest first, so a special that contains another wins)
+        alternatives = "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True))
+        ids, start = [], 0
+        for m in regex.finditer(alternatives, text):
+            ids.extend(self.encode_ordinary(text[start:m.start()]))
+            ids.append(self.special_tokens[m.group()])
+            start = m.end()
+        ids.extend(self.encode_ordinary(text[start:]))
+        return ids
+
+    # --- decoding --------------------------------------------------------------------------------------
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one id (a special token: its UTF-8 string)."""
+        if isinstance(token_id, bool) or not hasattr(token_id, "__index__"):
+            raise TypeError(f"token ids must be int, got {type(token_id).__name__}")
+        token_id = operator.index(token_id)  # numpy / torch integer scalars are fine
+        if token_id in self.decoder:
+            return self.decoder[token_id]
+        if token_id in self.special_decoder:
+            return self.special_decoder[token_id].encode("utf-8")
+        raise ValueError(f"unknown token id {token_id}: ids must be in the vocabulary "
+                         f"(0..{self.n_vocab - 1} for a contiguous vocabulary)")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Ids (T,) -> the exact bytes."""
+        return b"".join(self.token_bytes(i) for i in ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids (T,) -> text; bytes that are not valid UTF-8 (a cut multi-byte char) become U+FFFD."""
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"ids must be a sequence of int, got {type(ids).__name__}")
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # --- persistence -----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write JSON: pattern, special tokens, merges (if any) and ranks (base64 token bytes -> id)."""
+        state = {"format": "bpe-from-scratch/1", "pattern": self.pattern, "special_tokens": self.special_tokens,
+                 "merges": self.merges,
+                 "ranks": [[base64.b64encode(tok).decode("ascii"), i]
+                           for tok, i in sorted(self.ranks.items(), key=lambda kv: kv[1])]}
+        Path(path).write_text(json.dumps(state))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BPETokenizer":
+        state = json.loads(Path(path).read_text())
+        if state.get("format") != "bpe-from-scratch/1":
+            raise ValueError(f"path must be a file written by BPETokenizer.save, got format {state.get('format')!r}")
+        ranks = {base64.b64decode(tok): i for tok, i in state["ranks"]}
+        merges = [tuple(m) for m in state["merges"]] if state["merges"] is not None else None
+        return cls(ranks, pattern=state["pattern"], special_tokens=state["special_tokens"], merges=merges)
+
+    def __repr__(self) -> str:
+        return (f"BPETokenizer(n_vocab={self.n_vocab}, specials={len(self.special_tokens)}, "
+                f"pattern={'none' if self.pattern is None else 'cl100k' if self.pattern == CL100K_PATTERN else 'custom'})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measurements
+def bytes_per_token(encode, texts: Sequence[str]) -> float:
+    """Compression: total UTF-8 bytes / total tokens over `texts` (higher = fewer tokens per text)."""
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(encode(t)) for t in texts)
+    if n_tokens == 0:
+        raise ValueError("texts must contain at least one non-empty text")
+    return n_bytes / n_tokens
+
+
+def crosses_split(token: bytes, pattern: str = CL100K_PATTERN) -> bool:
+    """True if the regex pre-split would cut this token's text into more than one chunk.
+
+    Such a token swallows a word boundary (e.g. b'd the' or b'.\\n\\nThe'); a pre-split tokenizer can never
+    learn one. Tokens that are not whole UTF-8 text count by their decodable part.
+    """
+    return len(regex.findall(pattern, token.decode("utf-8", errors="ignore"))) > 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# visualiser
+_PALETTE = ["#fbb4ae", "#b3cde3", "#ccebc5", "#decbe4", "#fed9a6", "#ffffcc", "#e5d8bd", "#fddaec"]
+
+
+def token_label(token: bytes) -> str:
+    """How a token is drawn: its text with space -> '·', newline -> '↵', tab -> '→'; bytes that are not
+    valid UTF-8 on their own (part of a multi-byte character) as hex, e.g. '<d0>'."""
+    try:
+        text = token.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(f"<{b:02x}>" for b in token)
+    return text.replace(" ", "·").replace("\n", "↵").replace("\t", "→")
+
+
+def plot_tokens(ax, tokens: Sequence[bytes], ids: Sequence[int], *, title: str = "", width: int = 64,
+                max_rows: int = 6) -> int:
+    """Draw tokens as coloured spans with their ids underneath, wrapping at `width` character cells.
+
+    `tokens`: (T,) byte strings, `ids`: (T,) ints. A span is as wide as its label or its id, whichever is
+    wider; a new row starts after a newline token. Returns the number of rows drawn (at most `max_rows`;
+    the rest is cut, with '…').
+    """
+    from matplotlib.patches import Rectangle
+
+    if len(tokens) != len(ids):
+        raise ValueError(f"tokens and ids must have the same length, got {len(tokens)} and {len(ids)}")
+    fig = ax.figure
+    ax_width_in = ax.get_position().width * fig.get_figwidth()
+    cell_pt = ax_width_in * 72 / width
+    font_pt = cell_pt / 0.62  # DejaVu Sans Mono: a character is ~0.6 em wide
+    row_h = 2.2
+    x, row, n_rows = 0.0, 0, 1
+    for k, (tok, tid) in enumerate(zip(tokens, ids)):
+        label, id_text = token_label(tok), str(tid)
+        span = max(len(label), 0.62 * len(id_text)) + 0.3
+        if x + span > width and x > 0:
+            x, row = 0.0, row + 1
+        if row >= max_rows:
+            ax.text(width - 1, -(max_rows - 0.4) * row_h, "…", fontsize=font_pt, ha="right")
+            break
+        y = -row * row_h
+        ax.add_patch(Rectangle((x, y - 0.55), span - 0.15, 1.1, color=_PALETTE[k % len(_PALETTE)], lw=0))
+        ax.text(x + (span - 0.15) / 2, y, label, family="DejaVu Sans Mono", fontsize=font_pt,
+                ha="center", va="center")
+        ax.text(x + (span - 0.15) / 2, y - 0.95, id_text, family="DejaVu Sans Mono", fontsize=font_pt * 0.62,
+                ha="center", va="center", color="#444444")
+        x += span
+        n_rows = row + 1
+        if tok.endswith(b"\n"):
+            x, row = 0.0, row + 1
+    ax.set_xlim(0, width)
+    ax.set_ylim(-(n_rows - 1) * row_h - 1.6, 0.9)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, loc="left", fontsize=10)
+    return n_rows
