@@ -1,0 +1,73 @@
+"""Timing with warm-up and repeats, and memory accounting."""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    median: float          # seconds
+    lo: float              # fastest repeat
+    hi: float              # slowest repeat
+    times: list[float]
+
+    def __str__(self) -> str:
+        return f"{self.median * 1e3:.2f} ms (min {self.lo * 1e3:.2f}, max {self.hi * 1e3:.2f}, n={len(self.times)})"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], object], warmup: int = 2, repeats: int = 7) -> Timing:
+    """Run fn `warmup` times untimed, then `repeats` timed runs (device synchronised); median and spread."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), min(times), max(times), times)
+
+
+def tensor_bytes(*items) -> int:
+    """Bytes held by tensors and/or modules (parameters + buffers; shared storage counted once)."""
+    seen, total = set(), 0
+
+    def add(t: torch.Tensor):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            add(item)
+        elif isinstance(item, torch.nn.Module):
+            for t in list(item.parameters()) + list(item.buffers()):
+                add(t)
+        elif isinstance(item, (list, tuple)):
+            total += tensor_bytes(*item) if item else 0
+        else:
+            raise TypeError(f"expected tensors or modules, got {type(item).__name__}")
+    return total
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (CPU; from getrusage)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -1,0 +1,142 @@
+"""A small deterministic training loop: AdamW, linear warm-up + cosine decay, gradient clipping, validation.
+
+Works for any module whose `forward(idx, targets)` returns `(logits, loss)`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import random_windows
+
+
+@dataclass
+class History:
+    step: list[int] = field(default_factory=list)          # steps at which train_loss/lr were recorded (every step)
+    train_loss: list[float] = field(default_factory=list)  # nats/token of that step's batch
+    lr: list[float] = field(default_factory=list)
+    val_step: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)    # nats/token, mean over eval_batches fixed windows
+    tokens_per_sec: float = 0.0                             # training throughput, evaluation time excluded
+    seconds: float = 0.0                                    # wall time of the whole call
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float) -> float:
+    """Linear warm-up for `warmup` steps, then cosine decay from lr to lr * min_lr_ratio at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup - 1)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate(model, tokens: torch.Tensor, seq_len: int, batch_size: int = 32, n_batches: int = 20,
+             seed: int = 0) -> float:
+    """Mean loss (nats/token) over n_batches windows drawn with a fixed seed, so calls are comparable."""
+    if n_batches < 1:
+        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    total = 0.0
+    for _ in range(n_batches):
+        x, y = random_windows(tokens, seq_len, batch_size, g)
+        total += model(x.to(dev), y.to(dev))[1].item()
+    model.train(was_training)
+    return total / n_batches
+
+
+def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = None, *, steps: int,
+          batch_size: int = 32, seq_len: int | None = None, lr: float = 3e-3, warmup: int | None = None,
+          min_lr_ratio: float = 0.1, weight_decay: float = 0.1, grad_clip: float | None = 1.0,
+          eval_every: int | None = None, eval_batches: int = 20, seed: int = 0, progress: bool = True,
+          betas: tuple[float, float] = (0.9, 0.95)) -> History:
+    """Train in place on random windows of `train_tokens`; returns a History.
+
+    Deterministic for a given seed and thread count: batches come from a seeded generator, and the model's
+    initial weights are whatever the caller built (seed before building it). Weight decay applies to matrices
+    only (not norms or 1-D parameters). `seq_len` defaults to the model's `cfg.block_size`.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if lr <= 0 or batch_size < 1:
+        raise ValueError(f"lr must be > 0 and batch_size >= 1, got {lr}, {batch_size}")
+    seq_len = seq_len or model.cfg.block_size
+    warmup = max(1, steps // 20) if warmup is None else warmup
+    eval_every = eval_every or max(1, steps // 10)
+    dev = next(model.parameters()).device
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
+    g = torch.Generator().manual_seed(seed)
+    hist = History()
+    start = time.perf_counter()
+    train_time = 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="train", leave=False)
+    model.train()
+    for step in range(steps):
+        t0 = time.perf_counter()
+        current_lr = lr_at(step, steps, lr, warmup, min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = current_lr
+        x, y = random_windows(train_tokens, seq_len, batch_size, g)
+        _, loss = model(x.to(dev), y.to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        train_time += time.perf_counter() - t0
+        hist.step.append(step)
+        hist.train_loss.append(loss.item())
+        hist.lr.append(current_lr)
+        if val_tokens is not None and ((step + 1) % eval_every == 0 or step == steps - 1):
+            hist.val_step.append(step + 1)
+            hist.val_loss.append(evaluate(model, val_tokens, seq_len, batch_size, eval_batches, seed=1))
+            model.train()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}")
+    if bar is not None:
+        bar.close()
+    model.eval()
+    hist.tokens_per_sec = steps * batch_size * seq_len / max(train_time, 1e-9)
+    hist.seconds = time.perf_counter() - start
+    return hist
+
+
+@torch.no_grad()
+def evaluate_stream(model, tokens: torch.Tensor, seq_len: int, batch_size: int = 32) -> float:
+    """Mean loss (nats/token) over ALL of `tokens`, cut into consecutive windows of seq_len (+1 for targets).
+
+    Every token after the first is predicted exactly once (each window restarts its context), so
+    `loss * n_predicted` is the whole stream's code length: use it to convert to bits per character.
+    """
+    if tokens.dim() != 1 or len(tokens) < 2:
+        raise ValueError(f"tokens must be 1-D with >= 2 entries, got shape {tuple(tokens.shape)}")
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    n_full = (len(tokens) - 1) // seq_len
+    windows = tokens[: n_full * seq_len + 1]
+    x_all = windows[:-1].view(n_full, seq_len)                     # (N, seq_len)
+    y_all = windows[1:].view(n_full, seq_len)
+    total, count = 0.0, 0
+    for i in range(0, n_full, batch_size):
+        x, y = x_all[i:i + batch_size].to(dev), y_all[i:i + batch_size].to(dev)
+        total += model(x, y)[1].item() * y.numel()
+        count += y.numel()
+    tail = tokens[n_full * seq_len:]                               # leftover tokens, one shorter window
+    if len(tail) >= 2:
+        total += model(tail[:-1][None].to(dev), tail[1:][None].to(dev))[1].item() * (len(tail) - 1)
+        count += len(tail) - 1
+    model.train(was_training)
+    return total / count
