@@ -475,7 +475,7 @@ def plot_tokens(ax, tokens: Sequence[bytes], ids: Sequence[int], *, title: str =
 
     `tokens`: (T,) byte strings, `ids`: (T,) ints. A span is as wide as its label or its id, whichever is
     wider; a new row starts after a newline token. Returns the number of rows drawn (at most `max_rows`;
-    the rest is cut, with '…').
+    the rest is cut, with '…'). The vertical extent is always `max_rows` rows, so panels side by side match.
     """
     from matplotlib.patches import Rectangle
 
@@ -489,24 +489,24 @@ def plot_tokens(ax, tokens: Sequence[bytes], ids: Sequence[int], *, title: str =
     x, row, n_rows = 0.0, 0, 1
     for k, (tok, tid) in enumerate(zip(tokens, ids)):
         label, id_text = token_label(tok), str(tid)
-        span = max(len(label), 0.62 * len(id_text)) + 0.3
+        span = max(len(label), 0.7 * len(id_text)) + 0.3
         if x + span > width and x > 0:
             x, row = 0.0, row + 1
         if row >= max_rows:
-            ax.text(width - 1, -(max_rows - 0.4) * row_h, "…", fontsize=font_pt, ha="right")
+            ax.text(width, -(max_rows - 1) * row_h, "…", fontsize=font_pt, ha="left", va="center")
             break
         y = -row * row_h
         ax.add_patch(Rectangle((x, y - 0.55), span - 0.15, 1.1, color=_PALETTE[k % len(_PALETTE)], lw=0))
         ax.text(x + (span - 0.15) / 2, y, label, family="DejaVu Sans Mono", fontsize=font_pt,
                 ha="center", va="center")
-        ax.text(x + (span - 0.15) / 2, y - 0.95, id_text, family="DejaVu Sans Mono", fontsize=font_pt * 0.62,
+        ax.text(x + (span - 0.15) / 2, y - 0.9, id_text, family="DejaVu Sans Mono", fontsize=font_pt * 0.7,
                 ha="center", va="center", color="#444444")
         x += span
         n_rows = row + 1
         if tok.endswith(b"\n"):
             x, row = 0.0, row + 1
     ax.set_xlim(0, width)
-    ax.set_ylim(-(n_rows - 1) * row_h - 1.6, 0.9)
+    ax.set_ylim(-(max_rows - 1) * row_h - 1.4, 0.8)  # fixed: spans look the same in every panel
     ax.axis("off")
     if title:
         ax.set_title(title, loc="left", fontsize=10)
