@@ -357,6 +357,8 @@ class BPETokenizer:
         `allowed_special`: "all", "none" or a set of special strings encoded as their special id.
         `disallowed_special`: "all" (= every special not allowed) or a collection; if one occurs in the text,
         ValueError (a guard against prompt injection). Pass `disallowed_special=()` to encode them as text.
+        Cost: pure Python, quadratic in the length of a chunk; without a pre-split a whole document is one
+        chunk, so use `to_tiktoken()` for long texts.
         """
         _check_str(text, "text")
         if allowed_special == "all":
