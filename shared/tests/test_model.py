@@ -1,0 +1,180 @@
+"""Tests of shared.model: shapes, causality, cache, options, hooks and config errors."""
+import pytest
+import torch
+import torch.nn as nn
+
+from shared.model import GPT, GPTConfig, alibi_slopes, apply_rope, rope_cos_sin, sinusoidal_table
+
+
+def tiny(**kw):
+    base = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_kv_head=2, d_model=32)
+    base.update(kw)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**base)).eval()
+
+
+ALL_POS = ["rope", "learned", "sinusoidal", "alibi", "none"]
+
+
+@pytest.mark.parametrize("pos", ALL_POS)
+@pytest.mark.parametrize("norm,act", [("rms", "swiglu"), ("layer", "gelu"), ("rms", "relu")])
+def test_shapes_and_loss(pos, norm, act):
+    m = tiny(pos=pos, norm=norm, act=act)
+    x, y = torch.randint(0, 50, (3, 17)), torch.randint(0, 50, (3, 17))
+    logits, loss = m(x, y)
+    assert logits.shape == (3, 17, 50)
+    assert loss.shape == () and torch.isfinite(loss)
+    # untrained model with small init: loss close to log(V)
+    assert abs(loss.item() - torch.log(torch.tensor(50.0)).item()) < 0.5
+
+
+@pytest.mark.parametrize("pos", ALL_POS)
+def test_causality_future_token_never_changes_earlier_logits(pos):
+    m = tiny(pos=pos)
+    x = torch.randint(0, 50, (2, 20))
+    y = x.clone()
+    y[:, 12] = (y[:, 12] + 1) % 50
+    with torch.no_grad():
+        a, b = m(x)[0], m(y)[0]
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=0)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4
+
+
+def test_non_causal_model_leaks_the_future():
+    m = tiny(causal=False)
+    x = torch.randint(0, 50, (1, 10))
+    y = x.clone()
+    y[0, 9] = (y[0, 9] + 1) % 50
+    with torch.no_grad():
+        assert (m(x)[0][0, 0] - m(y)[0][0, 0]).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("pos", ALL_POS)
+def test_cached_forward_equals_full_forward(pos):
+    m = tiny(pos=pos)
+    x = torch.randint(0, 50, (2, 20))
+    caches = [{} for _ in m.blocks]
+    with torch.no_grad():
+        full = m(x)[0]
+        parts = [m(x[:, :7], caches=caches)[0], m(x[:, 7:8], start_pos=7, caches=caches)[0],
+                 m(x[:, 8:], start_pos=8, caches=caches)[0]]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_cached_equals_uncached_and_respects_seed():
+    m = tiny()
+    x = torch.randint(0, 50, (2, 4))
+    assert torch.equal(m.generate(x, 20, temperature=0), m.generate(x, 20, temperature=0, use_cache=False))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = m.generate(x, 20, temperature=1.0, top_k=5, generator=g1)
+    b = m.generate(x, 20, temperature=1.0, top_k=5, generator=g2, use_cache=False)
+    assert torch.equal(a, b) and a.shape == (2, 24)
+    # past block_size: falls back to a sliding window, still returns the right length
+    assert m.generate(x, 40, temperature=0).shape == (2, 44)
+
+
+@pytest.mark.parametrize("pos", ALL_POS)
+def test_attention_maps_match_sdpa_path_and_are_causal(pos):
+    m = tiny(pos=pos)
+    x = torch.randint(0, 50, (2, 9))
+    maps = m.attention_maps(x)
+    assert len(maps) == 2 and maps[0].shape == (2, 4, 9, 9)
+    torch.testing.assert_close(maps[1].sum(-1), torch.ones(2, 4, 9), rtol=0, atol=1e-5)
+    assert maps[0].triu(1).abs().max() == 0
+    for b in m.blocks:   # the flag is reset
+        assert not b.attn.store_weights
+
+
+def test_gqa_parameter_count_and_mqa():
+    full = tiny(n_kv_head=4).num_params()
+    gqa = tiny(n_kv_head=2).num_params()
+    mqa = tiny(n_kv_head=1).num_params()
+    # k and v projections shrink by (4 - K) * head_dim * d_model each, per layer
+    assert full - gqa == 2 * 2 * (2 * 8 * 32)
+    assert gqa - mqa == 2 * 2 * (1 * 8 * 32)
+
+
+def test_tied_and_untied_embeddings():
+    m = tiny()
+    assert m.lm_head.weight.data_ptr() == m.tok_emb.weight.data_ptr()
+    u = tiny(tie_embeddings=False)
+    assert u.lm_head.weight.data_ptr() != u.tok_emb.weight.data_ptr()
+    assert u.num_params() == m.num_params() + 50 * 32
+
+
+def test_plugin_hooks_are_used():
+    class Doubler(nn.Module):
+        def __init__(self, cfg, layer_idx):
+            super().__init__()
+            self.layer_idx = layer_idx
+
+        def forward(self, x, start_pos=0, cache=None):
+            return 2 * x
+
+    m = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=3, n_head=2, d_model=8), attn_factory=Doubler,
+            mlp_factory=lambda cfg, i: nn.Identity(), norm_factory=lambda cfg: nn.Identity())
+    assert [b.attn.layer_idx for b in m.blocks] == [0, 1, 2]
+    x = torch.randint(0, 20, (1, 5))
+    emb = m.tok_emb(x)
+    # each block: x + 2x, then + x (identity MLP): x -> 6x; three blocks -> 216x
+    torch.testing.assert_close(m(x)[0], m.lm_head(216 * emb))
+
+
+def test_rope_rotation_preserves_norm_and_is_relative():
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(m, n):
+        cm, sm = rope_cos_sin(8, torch.tensor([m]))
+        cn, sn = rope_cos_sin(8, torch.tensor([n]))
+        return (apply_rope(q, cm, sm) * apply_rope(k, cn, sn)).sum()
+
+    torch.testing.assert_close(score(5, 2), score(105, 102), rtol=1e-5, atol=1e-5)
+    c, s = rope_cos_sin(8, torch.tensor([37]))
+    torch.testing.assert_close(apply_rope(q, c, s).norm(), q.norm())
+
+
+def test_alibi_slopes_closed_form():
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    # non-power of two: the 4 slopes of 4 heads, then every other slope of 8 heads
+    assert torch.allclose(alibi_slopes(6), torch.tensor([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]))
+
+
+def test_sinusoidal_table_formula():
+    t = sinusoidal_table(10, 6)
+    assert t.shape == (10, 6)
+    assert abs(t[3, 2].item() - torch.sin(torch.tensor(3 / 10000 ** (2 / 6))).item()) < 1e-6
+    assert abs(t[3, 3].item() - torch.cos(torch.tensor(3 / 10000 ** (2 / 6))).item()) < 1e-6
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(d_model=30, n_head=4), "divisible by n_head"),
+    (dict(n_head=4, n_kv_head=3), "divisible by n_kv_head"),
+    (dict(pos="absolute"), "pos must be one of"),
+    (dict(norm="batch"), "norm must be one of"),
+    (dict(act="tanh"), "act must be one of"),
+    (dict(n_layer=0), "n_layer must be a positive int"),
+    (dict(vocab_size=-1), "vocab_size must be a positive int"),
+    (dict(d_model=12, n_head=4, pos="rope"), "head_dim must be even"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_bad_configs_raise(kw, match):
+    base = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, d_model=32)
+    base.update(kw)
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(**base)
+
+
+def test_bad_inputs_raise():
+    m = tiny(pos="learned")
+    with pytest.raises(ValueError, match="long tensor"):
+        m(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="cover 32 tokens"):
+        m(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets shape"):
+        m(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        m.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=-1)
+    with pytest.raises(ValueError, match="unknown GPTConfig options"):
+        GPTConfig.from_dict({"vocab_size": 5, "colour": "red"})
+    with pytest.raises(TypeError):
+        GPT({"vocab_size": 5})

@@ -1,0 +1,56 @@
+"""The training loop: overfits one batch, is deterministic, follows its schedule, validates arguments."""
+import pytest
+import torch
+
+from shared.model import GPT, GPTConfig
+from shared.train import evaluate, evaluate_stream, lr_at, train
+
+
+def tiny():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, d_model=32))
+
+
+def test_overfits_one_batch():
+    stream = torch.randint(0, 40, (17,), generator=torch.Generator().manual_seed(0))  # one window only
+    m = tiny()
+    hist = train(m, stream, steps=150, batch_size=4, lr=1e-2, progress=False, weight_decay=0.0)
+    assert hist.train_loss[0] > 3.0 and hist.train_loss[-1] < 0.05
+    assert not m.training
+
+
+def test_deterministic_for_a_seed():
+    stream = torch.randint(0, 40, (2000,), generator=torch.Generator().manual_seed(0))
+    a, b = tiny(), tiny()
+    ha = train(a, stream, stream, steps=20, batch_size=4, progress=False, seed=3)
+    hb = train(b, stream, stream, steps=20, batch_size=4, progress=False, seed=3)
+    assert ha.train_loss == hb.train_loss and ha.val_loss == hb.val_loss
+    assert ha.val_step[-1] == 20 and len(ha.step) == 20 and ha.tokens_per_sec > 0
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1)
+    assert all(x >= y for x, y in zip(lrs[9:], lrs[10:]))
+
+
+def test_evaluate_and_evaluate_stream_agree_on_full_windows():
+    m = tiny().eval()
+    stream = torch.randint(0, 40, (16 * 8 + 1,), generator=torch.Generator().manual_seed(1))
+    full = evaluate_stream(m, stream, 16)
+    with torch.no_grad():
+        direct = m(stream[:-1].view(8, 16), stream[1:].view(8, 16))[1].item()
+    assert full == pytest.approx(direct, rel=1e-6)
+    assert evaluate(m, stream, 16, batch_size=4, n_batches=3) > 0
+    assert 0 < evaluate_stream(m, stream[:40], 16) < 10   # with a short tail window
+
+
+def test_bad_arguments():
+    stream = torch.randint(0, 40, (100,))
+    with pytest.raises(ValueError, match="steps"):
+        train(tiny(), stream, steps=0, progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        train(tiny(), stream, steps=1, lr=0, progress=False)
