@@ -91,7 +91,14 @@ class KVCache:
 
     def reset(self) -> None:
         """Forget every stored token (the buffers are kept and simply overwritten next time)."""
-        self._filled = [0] * len(self._filled)
+        self.truncate(0)
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` tokens of every layer (e.g. to re-time one step, or drop rejected drafts)."""
+        _check_int("length", length, 0)
+        if length > min(self._filled):
+            raise ValueError(f"length must be <= the tokens stored ({min(self._filled)}), got {length}")
+        self._filled = [length] * len(self._filled)
 
     def append(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k_new, v_new (B, K, T, D) for `layer`; return that layer's keys, values so far (B, K, L, D)."""

@@ -40,6 +40,10 @@ def test_append_stores_and_returns_views():
         cache.length                                     # layer 1 has not caught up yet
     cache.append(1, k2, v2)
     assert cache.length == 4
+    cache.truncate(2)
+    assert cache.length == 2
+    with pytest.raises(ValueError, match="length must be <= the tokens stored"):
+        cache.truncate(3)
     cache.reset()
     assert cache.length == 0 and cache.capacity == 6
 
