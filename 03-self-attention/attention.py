@@ -1,0 +1,317 @@
+"""Self-attention from scratch: scaled dot-product attention, causal masks, multi-head attention,
+and the measurements the notebook uses to look inside attention (entropy, head scores, leaks, saturation).
+
+Shapes: B batch, H heads, T (Tq, Tk) sequence lengths, C = d_model, D = d_head = C // H.
+Mask convention (same as `torch.nn.functional.scaled_dot_product_attention`): a boolean mask is True where a
+query MAY attend to a key; a float mask is ADDED to the scores (use -inf to forbid a pair).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument checks (clear messages: which argument, what was given, what is expected)
+
+def _check_tensor(name: str, x, min_dim: int = 1, floating: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masks and the core attention function
+
+def causal_mask(t_q: int, t_k: int | None = None, device=None) -> torch.Tensor:
+    """Boolean causal mask (Tq, Tk): True where key j <= query i (top-left aligned, like SDPA's is_causal).
+
+    >>> causal_mask(3).int().tolist()
+    [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    t_k = t_q if t_k is None else t_k
+    _check_positive_int("t_q", t_q)
+    _check_positive_int("t_k", t_k)
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril()
+
+
+def _mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask (True = keep) -> float mask of 0 / -inf; a float mask is returned as is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Raw scores q @ k^T * scale. q (..., Tq, D), k (..., Tk, D) -> (..., Tq, Tk).
+
+    scale=None means 1/sqrt(D), the usual choice; scale=1.0 switches the scaling off (the notebook's Break).
+    """
+    _check_tensor("q", q, min_dim=2)
+    _check_tensor("k", k, min_dim=2)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share the last dim (d_head), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    return (q @ k.transpose(-2, -1)) * scale
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 mask: torch.Tensor | None = None, is_causal: bool = False,
+                                 scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale + mask) v, written out so the weights can be looked at.
+
+    q (..., Tq, D), k (..., Tk, D), v (..., Tk, Dv) with equal leading dims (e.g. (B, H)).
+    mask: bool (True = may attend) or float (added to the scores), broadcastable to (..., Tq, Tk).
+    is_causal: apply `causal_mask(Tq, Tk)`; cannot be combined with `mask` (as in SDPA).
+    Returns (out (..., Tq, Dv), weights (..., Tq, Tk)); each row of weights sums to 1 and forbidden pairs
+    get exactly 0. Raises ValueError when a query row has no key it may attend to (SDPA would silently
+    return zeros there).
+    """
+    _check_tensor("v", v, min_dim=2)
+    scores = attention_scores(q, k, scale)                              # (..., Tq, Tk)
+    if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(f"q, k, v must have equal leading dims, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must have the same number of keys Tk, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and mask is not None:
+        raise ValueError("pass either mask or is_causal=True, not both")
+    t_q, t_k = scores.shape[-2:]
+    if is_causal:
+        mask = causal_mask(t_q, t_k, device=q.device)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"mask must be bool (True = attend) or floating (additive), got {mask.dtype}")
+        try:
+            ok = mask.dim() >= 2 and torch.broadcast_shapes(mask.shape, scores.shape) == scores.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape "
+                             f"{tuple(scores.shape)} (expected (..., Tq={t_q}, Tk={t_k}), size-1 dims allowed)")
+        scores = scores + _mask_to_additive(mask, scores.dtype)
+        if torch.isneginf(scores).all(dim=-1).any():
+            raise ValueError("mask forbids every key for at least one query row: nothing to attend to")
+    weights = torch.softmax(scores, dim=-1)                             # (..., Tq, Tk), exp(-inf) = 0 exactly
+    return weights @ v, weights                                         # (..., Tq, Dv), (..., Tq, Tk)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# multi-head attention
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention: project, split into heads, attend, merge heads, project out.
+
+    x (B, T, C) -> q, k, v (B, H, T, D) -> attention per head -> (B, T, C) -> o_proj -> (B, T, C).
+    `forward` returns (out (B, T, C), weights (B, H, T, T)). `fast=True` uses torch's fused SDPA and returns
+    weights=None (same numbers to float tolerance, no (T, T) matrix kept).
+    """
+
+    def __init__(self, d_model: int, n_head: int, bias: bool = True):
+        super().__init__()
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("n_head", n_head)
+        if d_model % n_head != 0:
+            raise ValueError(f"d_model must be divisible by n_head, got d_model={d_model}, n_head={n_head}")
+        self.d_model, self.n_head, self.d_head = d_model, n_head, d_model // n_head
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, H, T, D): each head sees its own D-slice of the channels."""
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_head, self.d_head).transpose(1, 2)
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) -> (B, T, C): concatenate the heads' outputs along channels."""
+        b, _, t, _ = x.shape
+        return x.transpose(1, 2).contiguous().view(b, t, self.d_model)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
+                fast: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        _check_tensor("x", x, min_dim=3)
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
+        q, k, v = (self.split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, D)
+        if fast:   # fused kernel, no weights; same argument checks as the explicit path
+            if is_causal and mask is not None:
+                raise ValueError("pass either mask or is_causal=True, not both")
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+            weights = None
+        else:
+            y, weights = scaled_dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        return self.o_proj(self.merge_heads(y)), weights
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention) -> "MultiHeadAttention":
+        """Copy the weights of a `torch.nn.MultiheadAttention` (packed in_proj of shape (3C, C)) into ours."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
+        if not mha._qkv_same_embed_dim:
+            raise ValueError("mha must use the same embed dim for q, k and v (kdim = vdim = embed_dim)")
+        bias = mha.in_proj_bias is not None
+        ours = cls(mha.embed_dim, mha.num_heads, bias=bias)
+        with torch.no_grad():
+            for proj, w in zip((ours.q_proj, ours.k_proj, ours.v_proj), mha.in_proj_weight.chunk(3, dim=0)):
+                proj.weight.copy_(w)
+            ours.o_proj.weight.copy_(mha.out_proj.weight)
+            if bias:
+                for proj, b in zip((ours.q_proj, ours.k_proj, ours.v_proj), mha.in_proj_bias.chunk(3)):
+                    proj.bias.copy_(b)
+                ours.o_proj.bias.copy_(mha.out_proj.bias)
+        return ours
+
+
+# ----------------------------------------------------------------------------------------------------------
+# looking inside attention
+
+def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each attention row. weights (..., Tq, Tk) -> (..., Tq). 0 log 0 counts as 0.
+
+    A row that puts all weight on one key has entropy 0; a uniform row over n keys has log(n).
+    """
+    _check_tensor("weights", weights, min_dim=2)
+    return -torch.special.xlogy(weights, weights).sum(dim=-1)
+
+
+def previous_token_targets(t: int) -> torch.Tensor:
+    """Bool (T, T): True at (i, i-1), the key a 'previous-token head' should attend to."""
+    _check_positive_int("t", t)
+    return torch.ones(t, t, dtype=torch.bool).tril(-1) & ~torch.ones(t, t, dtype=torch.bool).tril(-2)
+
+
+def earlier_copy_targets(tokens: torch.Tensor, query_ok: torch.Tensor | None = None,
+                         shift: int = 0) -> torch.Tensor:
+    """Bool (B, T, T): True at (i, j) when key j is an earlier copy of the token at position i + shift.
+
+    shift=0: j < i and tokens[j] == tokens[i] (a 'duplicate-token head' looks there).
+    shift=1: j <= i and tokens[j] == tokens[i + 1], i.e. an earlier copy of the token about to be predicted
+    (a 'copy' or recall head looks there: to say "red kite" again, look at the earlier "red").
+    tokens (B, T) long. query_ok (B, T) bool optionally restricts which queries count (e.g. recall positions).
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+        raise ValueError(f"tokens must be an integer tensor of shape (B, T), got "
+                         f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+    if shift not in (0, 1):
+        raise ValueError(f"shift must be 0 (same token) or 1 (next token), got {shift!r}")
+    b, t = tokens.shape
+    wanted = tokens if shift == 0 else torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1)
+    same = wanted[:, :, None] == tokens[:, None, :]                      # (B, Tq, Tk)
+    visible = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril(-1 if shift == 0 else 0)
+    targets = same & visible
+    if query_ok is not None:
+        if not isinstance(query_ok, torch.Tensor) or query_ok.shape != tokens.shape or query_ok.dtype != torch.bool:
+            raise ValueError(f"query_ok must be bool of shape {tuple(tokens.shape)}, got "
+                             f"{getattr(query_ok, 'dtype', type(query_ok).__name__)} "
+                             f"{tuple(getattr(query_ok, 'shape', ()))}")
+        targets = targets & query_ok[:, :, None]
+    return targets
+
+
+def head_score(weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """How much attention lands on the target keys, averaged over the queries that have a target.
+
+    weights (B, H, T, T) (or (L, B, H, T, T)), targets bool broadcastable to (B, 1, T, T) / (T, T).
+    Returns one score per head, shape (H,) (or (L, H)): the mean over (batch, query) rows with at least one
+    target of the summed weight on the targets. 1 = the head does exactly that job; a uniform head scores
+    about (#targets / #visible keys).
+    """
+    _check_tensor("weights", weights, min_dim=4)
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.bool:
+        raise TypeError(f"targets must be a bool tensor, got {getattr(targets, 'dtype', type(targets).__name__)}")
+    if targets.dim() == 3:                                               # (B, T, T) -> (B, 1, T, T)
+        targets = targets[:, None]
+    on_target = (weights * targets).sum(-1)                             # (..., B, H, Tq)
+    has_target = targets.any(-1).expand_as(on_target)                    # (..., B, H, Tq)
+    if not has_target.any():
+        raise ValueError("targets select no (query, key) pair: cannot score a head on nothing")
+    dims = (-3, -1)                                                      # batch and query dims
+    return (on_target * has_target).sum(dims) / has_target.sum(dims)
+
+
+def leak(fn: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, position: int,
+         new_token: int) -> torch.Tensor:
+    """How much each position's output moves when the token at `position` is replaced by `new_token`.
+
+    fn maps idx (B, T) -> outputs (B, T, ...) (e.g. logits). Returns (T,) max |change| per position over batch
+    and features. A causal model must show exactly 0 before `position`.
+    """
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point():
+        raise ValueError(f"idx must be an integer tensor (B, T), got {getattr(idx, 'shape', type(idx).__name__)}")
+    t = idx.shape[1]
+    if not isinstance(position, int) or not 0 <= position < t:
+        raise ValueError(f"position must be an int in [0, {t}), got {position!r}")
+    changed = idx.clone()
+    changed[:, position] = new_token
+    if torch.equal(changed, idx):
+        raise ValueError(f"new_token={new_token} equals the token already at position {position}: nothing changes")
+    with torch.no_grad():
+        before, after = fn(idx), fn(changed)
+    if before.dim() < 2 or before.shape[:2] != idx.shape:
+        raise ValueError(f"fn must return (B, T, ...) for idx {tuple(idx.shape)}, got {tuple(before.shape)}")
+    return (after - before).abs().reshape(*idx.shape, -1).amax(dim=(0, 2))   # (T,)
+
+
+def prefix_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor,
+                targets: torch.Tensor) -> float:
+    """Honest next-token loss: predict targets[:, t] from idx[:, :t+1] alone, one forward pass per prefix.
+
+    idx, targets (B, T) long; logits_fn maps (B, t) -> (B, t, V). Returns mean cross-entropy in nats/token.
+    For a causal model it equals the usual one-pass loss; a model that peeks at the future cannot peek here.
+    """
+    if idx.shape != targets.shape or idx.dim() != 2:
+        raise ValueError(f"idx and targets must both be (B, T), got {tuple(idx.shape)} and {tuple(targets.shape)}")
+    with torch.no_grad():
+        last = torch.stack([logits_fn(idx[:, : t + 1])[:, -1] for t in range(idx.shape[1])], dim=1)  # (B, T, V)
+    return F.cross_entropy(last.flatten(0, 1), targets.flatten()).item()
+
+
+def saturation_sweep(d_heads: Sequence[int], n_keys: int = 64, n_queries: int = 256, scale: bool = True,
+                     seed: int = 0) -> dict[str, list[float]]:
+    """Softmax saturation vs head dimension for random unit-variance q, k (as after a norm layer at init).
+
+    For each D in d_heads: q (n_queries, D), k (n_keys, D), v (n_keys, D) ~ N(0, 1); scores q k^T have
+    variance D, or 1 with the 1/sqrt(D) scale. Returns lists (one value per D) of the mean attention entropy
+    (nats), the mean largest weight per row, and the norm of the gradient reaching the scores (the softmax
+    input, after any scaling) for a random upstream gradient on the output, sized so that the gradient on the
+    weights is N(0, 1) per key at every D (per query row, averaged): a saturated softmax passes almost none back.
+    """
+    _check_positive_int("n_keys", n_keys)
+    _check_positive_int("n_queries", n_queries)
+    if len(d_heads) == 0:
+        raise ValueError("d_heads must list at least one head dimension, got an empty sequence")
+    gen = torch.Generator().manual_seed(seed)
+    out = {"entropy": [], "max_weight": [], "score_grad_norm": []}
+    for d in d_heads:
+        _check_positive_int("d_heads[i]", d)
+        q, k, v = (torch.randn(n, d, generator=gen) for n in (n_queries, n_keys, n_keys))
+        upstream = torch.randn(n_queries, d, generator=gen) / math.sqrt(d)   # so v_j . upstream ~ N(0, 1) for all D
+        scores = (q @ k.T / (math.sqrt(d) if scale else 1.0)).requires_grad_(True)    # (Nq, Nk)
+        weights = torch.softmax(scores, dim=-1)
+        (weights @ v * upstream).sum().backward()                        # d loss / d scores lands in .grad
+        out["entropy"].append(attention_entropy(weights.detach()).mean().item())
+        out["max_weight"].append(weights.detach().amax(-1).mean().item())
+        out["score_grad_norm"].append(scores.grad.norm(dim=-1).mean().item())
+    return out

@@ -1,0 +1,247 @@
+"""Tests for attention.py: reference equality (SDPA, nn.MultiheadAttention), mask properties, analysis helpers,
+and the argument errors. Tolerances: float32 attention of O(1) values, rtol=1e-5 / atol=1e-6 unless stated."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import (MultiHeadAttention, attention_entropy, attention_scores, causal_mask,
+                       earlier_copy_targets, head_score, leak, prefix_loss, previous_token_targets,
+                       saturation_sweep, scaled_dot_product_attention)
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def qkv(b=2, h=3, tq=5, tk=5, d=8, dv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, tq, d, generator=g), torch.randn(b, h, tk, d, generator=g),
+            torch.randn(b, h, tk, dv or d, generator=g))
+
+
+# ---------------------------------------------------------------- reference equality
+
+def test_hand_example():
+    # one query, three keys: scores are dot products / sqrt(2), softmax by hand, weighted sum of values
+    q = torch.tensor([[1.0, 0.0]])
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    out, w = scaled_dot_product_attention(q, k, v)
+    s = [1 / math.sqrt(2), 0.0, 1 / math.sqrt(2)]
+    z = sum(math.exp(x) for x in s)
+    p = [math.exp(x) / z for x in s]
+    torch.testing.assert_close(w[0], torch.tensor(p), **TOL)
+    torch.testing.assert_close(out[0], torch.tensor([p[0] + 2 * p[2], p[1] + 2 * p[2]]), **TOL)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("tq,tk", [(5, 5), (1, 1), (3, 7)])
+def test_matches_sdpa(is_causal, tq, tk):
+    q, k, v = qkv(tq=tq, tk=tk, dv=4)
+    ours, _ = scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    torch.testing.assert_close(ours, ref, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "broadcast"])
+def test_matches_sdpa_with_mask(kind):
+    q, k, v = qkv(tq=4, tk=6)
+    g = torch.Generator().manual_seed(1)
+    if kind == "bool":
+        mask = torch.rand(2, 3, 4, 6, generator=g) > 0.4
+        mask[..., 0] = True                                    # every row keeps at least one key
+    elif kind == "float":
+        mask = torch.randn(2, 3, 4, 6, generator=g)            # additive bias (e.g. ALiBi-like)
+    else:
+        mask = torch.rand(1, 1, 4, 6, generator=g) > 0.5
+        mask[..., -1] = True
+    ours, _ = scaled_dot_product_attention(q, k, v, mask=mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(ours, ref, **TOL)
+
+
+def test_custom_scale_matches_sdpa():
+    q, k, v = qkv()
+    ours, _ = scaled_dot_product_attention(q, k, v, scale=1.0)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, scale=1.0), **TOL)
+
+
+def test_weights_rows_sum_to_one_and_mask_is_exactly_zero():
+    q, k, v = qkv(tq=6, tk=6)
+    _, w = scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 6), **TOL)
+    assert (w[..., ~causal_mask(6)] == 0).all()                # exactly zero, not merely small
+    assert (w[..., causal_mask(6)] > 0).all()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mha_matches_torch_multihead_attention(bias, causal):
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(32, 4, bias=bias, batch_first=True).eval()
+    ours = MultiHeadAttention.from_torch(ref).eval()
+    x = torch.randn(2, 7, 32)
+    # nn.MultiheadAttention's bool mask is True where attention is FORBIDDEN: the opposite convention
+    torch_mask = ~causal_mask(7) if causal else None
+    with torch.no_grad():
+        y_ref, w_ref = ref(x, x, x, attn_mask=torch_mask, need_weights=True, average_attn_weights=False)
+        y, w = ours(x, is_causal=causal)
+        y_fast, w_fast = ours(x, is_causal=causal, fast=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+    assert w_fast is None
+
+
+def test_mha_shapes_and_head_split_roundtrip():
+    mha = MultiHeadAttention(12, 3)
+    x = torch.randn(2, 5, 12)
+    assert mha.split_heads(x).shape == (2, 3, 5, 4)
+    torch.testing.assert_close(mha.merge_heads(mha.split_heads(x)), x, rtol=0, atol=0)
+    y, w = mha(x)
+    assert y.shape == (2, 5, 12) and w.shape == (2, 3, 5, 5)
+
+
+def test_causal_mha_output_ignores_future():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 2).eval()
+    emb = nn.Embedding(10, 16)
+    idx = torch.randint(0, 10, (3, 8))
+    lk = leak(lambda i: mha(emb(i), is_causal=True)[0], idx, position=5, new_token=int((idx[0, 5] + 1) % 10))
+    assert lk.shape == (8,)
+    assert (lk[:5] == 0).all() and lk[5] > 0
+    lk_open = leak(lambda i: mha(emb(i))[0], idx, position=5, new_token=int((idx[0, 5] + 1) % 10))
+    assert lk_open[:5].min() > 0
+
+
+# ---------------------------------------------------------------- analysis helpers
+
+def test_entropy_closed_forms():
+    w = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]]])
+    torch.testing.assert_close(attention_entropy(w), torch.tensor([[0.0, math.log(2), math.log(3)]]), **TOL)
+
+
+def test_previous_token_and_copy_targets():
+    assert previous_token_targets(3).int().tolist() == [[0, 0, 0], [1, 0, 0], [0, 1, 0]]
+    tokens = torch.tensor([[7, 1, 7, 2, 7]])
+    t = earlier_copy_targets(tokens)
+    assert t[0, 2].int().tolist() == [1, 0, 0, 0, 0]
+    assert t[0, 4].int().tolist() == [1, 0, 1, 0, 0]
+    assert not t[0, 1].any() and not t[0, 0].any()
+    only_last = torch.tensor([[False, False, False, False, True]])
+    assert earlier_copy_targets(tokens, only_last)[0, :4].sum() == 0
+    nxt = earlier_copy_targets(tokens, shift=1)                       # query i looks for copies of tokens[i+1]
+    assert nxt[0, 1].int().tolist() == [1, 0, 0, 0, 0]                # before the 2nd 7: the 1st 7
+    assert nxt[0, 3].int().tolist() == [1, 0, 1, 0, 0]                # before the 3rd 7: both earlier 7s
+    assert not nxt[0, 4].any() and not nxt[0, 0].any()                # last query has no next token
+
+
+def test_head_score_perfect_and_uniform_heads():
+    t = 6
+    prev = torch.zeros(1, 2, t, t)
+    prev[0, 0, 0, 0] = 1.0
+    prev[0, 0, torch.arange(1, t), torch.arange(t - 1)] = 1.0           # head 0: exact previous-token head
+    prev[0, 1] = causal_mask(t).float() / causal_mask(t).sum(-1, keepdim=True)  # head 1: uniform over the past
+    s = head_score(prev, previous_token_targets(t))
+    assert s.shape == (2,)
+    assert s[0].item() == pytest.approx(1.0)
+    expected_uniform = sum(1 / (i + 1) for i in range(1, t)) / (t - 1)
+    assert s[1].item() == pytest.approx(expected_uniform)
+
+
+def test_saturation_sweep_direction():
+    dims = [4, 64, 1024]
+    raw = saturation_sweep(dims, scale=False)
+    scaled = saturation_sweep(dims, scale=True)
+    # without scaling the softmax saturates as D grows; with it, entropy stays near log(64) - 1/2
+    assert raw["max_weight"][-1] > 0.8 > raw["max_weight"][0]
+    assert raw["entropy"][-1] < 0.5 * raw["entropy"][0]
+    assert max(scaled["entropy"]) - min(scaled["entropy"]) < 0.15
+    assert raw["score_grad_norm"][-1] < 0.5 * scaled["score_grad_norm"][-1]
+
+
+def test_prefix_loss_equals_one_pass_loss_for_causal_model():
+    torch.manual_seed(0)
+    emb, mha, head = nn.Embedding(11, 16), MultiHeadAttention(16, 4), nn.Linear(16, 11)
+    fn = lambda i: head(mha(emb(i), is_causal=True)[0])
+    x, y = torch.randint(0, 11, (2, 6)), torch.randint(0, 11, (2, 6))
+    with torch.no_grad():
+        one_pass = F.cross_entropy(fn(x).flatten(0, 1), y.flatten()).item()
+    assert prefix_loss(fn, x, y) == pytest.approx(one_pass, rel=1e-5)
+
+
+# ---------------------------------------------------------------- argument errors
+
+def test_errors_shapes_and_types():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="last dim"):
+        scaled_dot_product_attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="number of keys"):
+        scaled_dot_product_attention(q, k, v[..., :3, :])
+    with pytest.raises(ValueError, match="leading dims"):
+        scaled_dot_product_attention(q, k[:1], v[:1])
+    with pytest.raises(TypeError, match="floating"):
+        scaled_dot_product_attention(q.long(), k, v)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        scaled_dot_product_attention(q.tolist(), k, v)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        attention_scores(torch.randn(4), torch.randn(4))
+    with pytest.raises(ValueError, match="scale"):
+        attention_scores(q, k, scale=-1.0)
+
+
+def test_errors_masks():
+    q, k, v = qkv(tq=4, tk=6)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        scaled_dot_product_attention(q, k, v, mask=torch.ones(6, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        scaled_dot_product_attention(q, k, v, mask=torch.ones(6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        scaled_dot_product_attention(q, k, v, mask=torch.ones(4, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="not both"):
+        scaled_dot_product_attention(q, k, v, mask=torch.ones(4, 6, dtype=torch.bool), is_causal=True)
+    empty_row = torch.ones(4, 6, dtype=torch.bool)
+    empty_row[2] = False
+    with pytest.raises(ValueError, match="nothing to attend to"):
+        scaled_dot_product_attention(q, k, v, mask=empty_row)
+    with pytest.raises(ValueError, match="t_q"):
+        causal_mask(0)
+
+
+def test_errors_mha():
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadAttention(10, 3)
+    with pytest.raises(ValueError, match="n_head"):
+        MultiHeadAttention(10, 0)
+    with pytest.raises(TypeError, match="d_model"):
+        MultiHeadAttention(10.0, 2)
+    mha = MultiHeadAttention(8, 2)
+    with pytest.raises(ValueError, match="d_model=8"):
+        mha(torch.randn(2, 3, 6))
+    with pytest.raises(ValueError, match="at least 3 dims"):
+        mha(torch.randn(3, 8))
+    with pytest.raises(TypeError, match="MultiheadAttention"):
+        MultiHeadAttention.from_torch(nn.Linear(4, 4))
+
+
+def test_errors_analysis_helpers():
+    idx = torch.randint(0, 5, (1, 4))
+    with pytest.raises(ValueError, match="position"):
+        leak(lambda i: i[..., None].float(), idx, position=4, new_token=0)
+    with pytest.raises(ValueError, match="nothing changes"):
+        leak(lambda i: i[..., None].float(), idx, position=1, new_token=int(idx[0, 1]))
+    with pytest.raises(ValueError, match="select no"):
+        head_score(torch.rand(1, 2, 3, 3), torch.zeros(3, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        head_score(torch.rand(1, 2, 3, 3), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="tokens"):
+        earlier_copy_targets(torch.rand(1, 4))
+    with pytest.raises(ValueError, match="shift"):
+        earlier_copy_targets(torch.zeros(1, 4, dtype=torch.long), shift=2)
+    with pytest.raises(ValueError, match="query_ok"):
+        earlier_copy_targets(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="empty"):
+        saturation_sweep([])
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        prefix_loss(lambda i: i, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
