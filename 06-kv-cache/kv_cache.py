@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shared.model import GPT, apply_rope, rope_cos_sin
+from shared.model import GPT, Attention, apply_rope, rope_cos_sin
 
 __all__ = ["CacheOverflowError", "KVCache", "kv_cache_bytes", "forward_cached", "generate_cached",
            "generate_naive", "step_flops"]
@@ -125,6 +125,9 @@ def _check_model(model) -> None:
     if model.cfg.pos != "rope" or not model.cfg.causal:
         raise ValueError(f"the cached loop needs a causal RoPE model, got pos={model.cfg.pos!r} "
                          f"causal={model.cfg.causal}")
+    custom = [type(b.attn).__name__ for b in model.blocks if not isinstance(b.attn, Attention)]
+    if custom:   # we call q_proj/k_proj/v_proj/o_proj ourselves: a plug-in attention would be bypassed
+        raise TypeError(f"the cached loop needs shared's Attention in every block, got {custom}")
 
 
 def _check_idx(name: str, idx) -> None:
@@ -192,6 +195,7 @@ def generate_cached(model: GPT, prompt: torch.Tensor, max_new_tokens: int, cache
     if cache is None:
         cache = KVCache.for_model(model, B, T0 + max_new_tokens - 1)
     cache.reset()
+    was_training = model.training
     model.eval()
     logits = forward_cached(model, prompt, cache)[:, -1]               # prefill: (B, V) for the next token
     tokens, step_logits = [prompt], []
@@ -201,6 +205,7 @@ def generate_cached(model: GPT, prompt: torch.Tensor, max_new_tokens: int, cache
         tokens.append(nxt)
         if step + 1 < max_new_tokens:                                   # the last token is never fed back
             logits = forward_cached(model, nxt, cache, rope_start=None if advance_rope else 0)[:, -1]
+    model.train(was_training)
     out = torch.cat(tokens, dim=1)
     return (out, torch.stack(step_logits, dim=1)) if return_logits else out
 
@@ -214,12 +219,14 @@ def generate_naive(model: GPT, prompt: torch.Tensor, max_new_tokens: int, *, ret
     _check_model(model)
     _check_idx("prompt", prompt)
     _check_int("max_new_tokens", max_new_tokens, 1)
+    was_training = model.training
     model.eval()
     idx, step_logits = prompt, []
     for _ in range(max_new_tokens):
         logits = model(idx)[0][:, -1]                                   # (B, V): only the last row is used
         step_logits.append(logits)
         idx = torch.cat([idx, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    model.train(was_training)
     return (idx, torch.stack(step_logits, dim=1)) if return_logits else idx
 
 

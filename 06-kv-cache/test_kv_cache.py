@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kv_cache import (CacheOverflowError, KVCache, forward_cached, generate_cached, generate_naive, kv_cache_bytes,
                       step_flops)
-from shared.model import GPT, GPTConfig
+from shared.model import GPT, Attention, GPTConfig
 
 # float32 reference vs cached path: same math, different summation order -> ~1e-6; 1e-4 leaves room.
 ATOL, RTOL = 1e-4, 1e-4
@@ -170,12 +170,33 @@ def test_step_flops_match_flop_counter(cached, context):
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
+class Wrapped(torch.nn.Module):
+    """A plug-in attention (attn_factory): the cached loop cannot see inside it and must refuse it."""
+
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.inner = Attention(cfg, layer_idx)
+
+    def forward(self, x, start_pos=0, cache=None):
+        return self.inner(x, start_pos, cache)
+
+
+def test_loops_restore_training_mode():
+    model = tiny_gpt().train()
+    generate_cached(model, prompt(), 2)
+    generate_naive(model, prompt(), 2)
+    assert model.training
+
+
 def test_loop_bad_arguments():
     model = tiny_gpt()
     with pytest.raises(TypeError, match="model must be a shared.model.GPT"):
         generate_cached(torch.nn.Linear(2, 2), prompt(), 3)
     with pytest.raises(ValueError, match="causal RoPE"):
         generate_cached(tiny_gpt(pos="learned"), prompt(), 3)
+    plugged = GPT(model.cfg, attn_factory=lambda cfg, i: Wrapped(cfg, i))
+    with pytest.raises(TypeError, match="shared's Attention"):
+        generate_cached(plugged, prompt(), 3)
     with pytest.raises(ValueError, match="prompt must be a"):
         generate_cached(model, torch.zeros(1, 0, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="prompt must be a"):
