@@ -285,3 +285,34 @@ def fit_first_token(model: nn.Module, *, steps: int, seq_len: int, vocab_size: i
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+@torch.no_grad()
+def loss_by_position(model: nn.Module, tokens: torch.Tensor, seq_len: int, n_windows: int = 64,
+                     batch_size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Mean next-token loss (nats) at each position of windows of ``seq_len`` tokens: returns (seq_len,).
+
+    tokens: 1-D stream. Windows start at seeded random offsets, so entry t is the loss with exactly t tokens
+    of context; the mean of the first L entries is the loss of a model evaluated with windows of length L.
+    model: idx (B, T) -> (logits (B, T, V), ...).
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
+        raise ValueError(f"tokens must be a 1-D tensor, got shape {tuple(getattr(tokens, 'shape', ()))}")
+    _check_positive_int("seq_len", seq_len)
+    _check_positive_int("n_windows", n_windows)
+    _check_positive_int("batch_size", batch_size)
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"tokens has {len(tokens)} entries, need at least seq_len + 1 = {seq_len + 1}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(len(tokens) - seq_len, (n_windows,), generator=generator)
+    windows = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])   # (N, seq_len + 1)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(seq_len, dtype=torch.float64)
+    for i in range(0, n_windows, batch_size):
+        x, y = windows[i:i + batch_size, :-1], windows[i:i + batch_size, 1:]
+        logits = model(x)[0]                                                    # (b, seq_len, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")      # (b, seq_len)
+        total += nll.double().sum(0)
+    model.train(was_training)
+    return (total / n_windows).float()

@@ -291,11 +291,34 @@ def test_fit_first_token_learns_with_positions():
     torch.manual_seed(0)
     V, T = 12, 6
     model = TinyOrderModel(V, T)
-    losses = P.fit_first_token(model, steps=300, seq_len=T, vocab_size=V, lr=1e-2, seed=0)
-    assert len(losses) == 300 and losses[-1] < 0.5 * losses[0]
+    losses = P.fit_first_token(model, steps=150, seq_len=T, vocab_size=V, lr=1e-2, seed=0)
+    assert len(losses) == 150 and losses[-1] < 0.5 * losses[0]
     x, y = P.first_token_task(1000, T, V, torch.Generator().manual_seed(1))
     with torch.no_grad():
         accuracy = P.order_accuracy(model(x)[0], y)
     assert accuracy > 3 / T   # chance for an order-blind model is 1/T
     with pytest.raises(ValueError, match="steps"):
         P.fit_first_token(model, steps=0, seq_len=T, vocab_size=V)
+
+
+def test_loss_by_position_matches_mean_loss_and_bad_args():
+    torch.manual_seed(0)
+    V, T = 7, 5
+    model = TinyOrderModel(V, T)
+    tokens = torch.randint(0, V, (200,))
+    per_position = P.loss_by_position(model, tokens, T, n_windows=10, batch_size=4, seed=3)
+    assert per_position.shape == (T,)
+    # the same windows scored with the library's mean cross-entropy give the mean of the per-position curve
+    g = torch.Generator().manual_seed(3)
+    starts = torch.randint(len(tokens) - T, (10,), generator=g)
+    windows = torch.stack([tokens[s:s + T + 1] for s in starts.tolist()])
+    with torch.no_grad():
+        logits = model(windows[:, :-1])[0]
+    reference = F.cross_entropy(logits.reshape(-1, V), windows[:, 1:].reshape(-1))
+    torch.testing.assert_close(per_position.mean(), reference, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="seq_len \\+ 1"):
+        P.loss_by_position(model, tokens[:5], T)
+    with pytest.raises(ValueError, match="1-D"):
+        P.loss_by_position(model, tokens[None], T)
+    with pytest.raises(ValueError, match="n_windows"):
+        P.loss_by_position(model, tokens, T, n_windows=0)
