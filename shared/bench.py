@@ -27,8 +27,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def timeit(fn: Callable[[], object], warmup: int = 2, repeats: int = 7) -> Timing:
-    """Run fn `warmup` times untimed, then `repeats` timed runs (device synchronised); median and spread."""
+def timeit(fn: Callable[[], object], warmup: int = 2, repeats: int = 7,
+           clock: Callable[[], float] = time.perf_counter) -> Timing:
+    """Run fn `warmup` times untimed, then `repeats` timed runs (device synchronised); median and spread.
+
+    `clock=time.process_time` counts this process's CPU seconds instead of wall time: steadier on a busy machine,
+    but it adds up the time of every thread, so use it with `torch.set_num_threads(1)` or read it as CPU work.
+    """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
     for _ in range(warmup):
@@ -36,10 +41,10 @@ def timeit(fn: Callable[[], object], warmup: int = 2, repeats: int = 7) -> Timin
     times = []
     for _ in range(repeats):
         _sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         _sync()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return Timing(statistics.median(times), min(times), max(times), times)
 
 
@@ -49,7 +54,8 @@ def tensor_bytes(*items) -> int:
 
     def add(t: torch.Tensor):
         nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
+        # meta tensors all report data_ptr 0: tell them apart by identity instead
+        key = ("id", id(t)) if t.is_meta else (t.data_ptr(), t.numel(), t.element_size())
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()

@@ -46,6 +46,9 @@ def test_timeit_counts_repeats():
     calls = []
     t = bench.timeit(lambda: calls.append(1), warmup=2, repeats=5)
     assert len(calls) == 7 and len(t.times) == 5 and t.lo <= t.median <= t.hi
+    ticks = iter(range(100))
+    t = bench.timeit(lambda: None, warmup=0, repeats=3, clock=lambda: float(next(ticks)))
+    assert t.times == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError):
         bench.timeit(lambda: None, repeats=0)
 
@@ -56,6 +59,7 @@ def test_tensor_bytes():
     x = torch.zeros(5, dtype=torch.bfloat16)
     assert bench.tensor_bytes(x, x) == 10          # the same tensor once
     assert bench.tensor_bytes([x, torch.zeros(2)]) == 18
+    assert bench.tensor_bytes(torch.empty(2**20, device="meta"), torch.empty(2**20, device="meta")) == 2**23
     assert bench.peak_rss_bytes() > 1_000_000
     with pytest.raises(TypeError):
         bench.tensor_bytes("x")
