@@ -10,7 +10,7 @@ processors: repetition penalty -> temperature -> top-k -> top-p -> min-p, then s
 `test_sampling.py` and in the notebook.
 
 Metrics for the sampled text: `entropy` of a (filtered) next-token distribution, `distinct_n`,
-`repetition_rate`, `longest_loop`, and `perplexity` of a continuation under the model.
+`repetition_rate`, `longest_copy`, and `perplexity` of a continuation under the model.
 """
 from __future__ import annotations
 
@@ -268,24 +268,22 @@ def repetition_rate(seqs, n: int = 4) -> float:
     return repeated / total if total else float("nan")
 
 
-def longest_loop(ids, max_period: int | None = None) -> tuple[int, int]:
-    """Longest verbatim loop in one sequence: the longest stretch where the text repeats itself with a
-    fixed period p (ids[t] == ids[t - p]), counted with its first copy. Returns (length, period);
-    (0, 0) when no token ever repeats at a fixed lag. A stretch must cover at least two full periods
-    (length >= 2p) to count as a loop."""
+def longest_copy(ids) -> tuple[int, int]:
+    """The longest stretch of one sequence that copies, token for token, the stretch `lag` tokens before it
+    (ids[t] == ids[t - lag] for every t in the stretch). Returns (length, lag); (0, 0) if no token equals
+    any earlier token at a fixed lag. A loop with period p that goes round r times gives a copy of (r - 1) * p
+    tokens at lag p; a story told twice gives a copy as long as the story."""
     ids = _as_id_lists(ids, "ids")
     if len(ids) != 1:
-        raise ValueError(f"longest_loop takes one sequence, got {len(ids)}")
+        raise ValueError(f"longest_copy takes one sequence, got {len(ids)}")
     ids = ids[0]
-    T = len(ids)
-    max_period = T // 2 if max_period is None else max_period
     best = (0, 0)
-    for p in range(1, max_period + 1):
+    for lag in range(1, len(ids)):
         run = 0
-        for t in range(p, T):
-            run = run + 1 if ids[t] == ids[t - p] else 0
-            if run >= p and run + p > best[0]:
-                best = (run + p, p)
+        for t in range(lag, len(ids)):
+            run = run + 1 if ids[t] == ids[t - lag] else 0
+            if run > best[0]:
+                best = (run, lag)
     return best
 
 

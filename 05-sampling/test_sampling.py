@@ -10,6 +10,8 @@ from transformers.generation.logits_process import (
 
 import sampling as S
 
+torch.set_num_threads(1)   # tiny tensors: one thread is as fast, and immune to OpenMP stalls on a busy 2-core box
+
 
 def random_logits(seed, B=64, V=50, ties=False):
     """(B, V) logits; with ties=True they are rounded to 0.5 so many logits are exactly equal."""
@@ -160,11 +162,14 @@ def test_distinct_and_repetition_by_hand():
     assert math.isnan(S.distinct_n([1, 2], 3))
 
 
-def test_longest_loop_by_hand():
-    assert S.longest_loop([9, 1, 2, 3, 1, 2, 3, 1, 2, 8]) == (8, 3)      # "1 2 3 1 2 3 1 2"
-    assert S.longest_loop([5, 5, 5, 5]) == (4, 1)
-    assert S.longest_loop([1, 2, 3, 4]) == (0, 0)
-    assert S.longest_loop([1, 2, 1, 3]) == (0, 0)                        # a repeat, but no loop
+def test_longest_copy_by_hand():
+    assert S.longest_copy([9, 1, 2, 3, 1, 2, 3, 1, 2, 8]) == (5, 3)      # "1 2 3 1 2" copies 3 back
+    assert S.longest_copy([5, 5, 5, 5]) == (3, 1)
+    assert S.longest_copy([1, 2, 3, 4]) == (0, 0)
+    assert S.longest_copy([1, 2, 1, 3]) == (1, 2)
+    assert S.longest_copy([7, 1, 2, 3, 8, 1, 2, 3, 9]) == (3, 4)         # a phrase said twice
+    with pytest.raises(ValueError, match="one sequence"):
+        S.longest_copy([[1, 2], [3, 4]])
 
 
 class Bigram(torch.nn.Module):
