@@ -1,0 +1,352 @@
+"""miniformer: a transformer block built from its parts, and a stack of them.
+
+The pieces, in the order the notebook builds them:
+
+* ``CausalSelfAttention`` -- explicit softmax(Q K^T / sqrt(d_head)) V with a causal mask, and four Q/K/V
+  ablations (tie Q and K, identity V, frozen Q and K, no output projection).
+* ``MLP`` -- Linear -> GELU -> Linear, the position-wise feed-forward layer.
+* ``Block`` -- attention and MLP joined by residual connections and normalisation, in the pre-norm
+  (``x + f(norm(x))``, GPT-2/Llama) or post-norm (``norm(x + f(x))``, the 2017 Transformer) placement,
+  with the residual connections optionally switched off.
+* ``MiniFormer`` -- token + learned position embeddings, N blocks, a final norm and a tied LM head;
+  ``forward(idx, targets) -> (logits, loss)`` like ``shared.model.GPT``, so ``shared.train.train`` trains it.
+
+Module names follow ``shared.model.GPT`` (``tok_emb``, ``pos_emb``, ``blocks[i].norm1/.attn/.norm2/.mlp``,
+``q_proj k_proj v_proj o_proj``, ``up_proj down_proj``, ``norm``, ``lm_head``) so a GPT's state dict loads
+into a MiniFormer configured alike (see ``load_from_gpt``).
+
+Shapes: B batch, T time (sequence length), C = d_model channels, H heads, D = C // H head size, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORMS = ("layer", "rms", "none")
+PLACEMENTS = ("pre", "post")
+QKV_VARIANTS = ("full", "tied_qk", "identity_v", "frozen_qk", "no_o")
+
+
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class MiniConfig:
+    """Hyper-parameters of a MiniFormer (defaults: the tiny size the notebook trains).
+
+    qkv: "full" (standard attention), "tied_qk" (K uses Q's matrix: symmetric scores), "identity_v"
+    (V = x, no value projection), "frozen_qk" (Q and K stay at their random init), "no_o" (no output
+    projection: heads are concatenated straight into the residual stream).
+    """
+    vocab_size: int
+    block_size: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    d_ff: int | None = None        # None -> 4 * d_model
+    norm: str = "layer"            # layer | rms | none
+    placement: str = "pre"         # pre | post
+    residual: bool = True
+    qkv: str = "full"
+    bias: bool = False             # biases in the Linear layers (LayerNorm always keeps its own, as in GPT-2)
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            _check_int(name, getattr(self, name))
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        _check_int("d_ff", self.d_ff)
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model must be divisible by n_head, got d_model={self.d_model}, n_head={self.n_head}")
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("placement", self.placement, PLACEMENTS)
+        _check_choice("qkv", self.qkv, QKV_VARIANTS)
+        if not isinstance(self.residual, bool):
+            raise TypeError(f"residual must be a bool, got {type(self.residual).__name__}")
+        if not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
+            raise ValueError(f"init_std must be a positive number, got {self.init_std!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+def make_norm(cfg: MiniConfig) -> nn.Module:
+    """The normalisation layer of cfg.norm: (B, T, C) -> (B, T, C). Library layers, not hand-written."""
+    if cfg.norm == "layer":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    if cfg.norm == "rms":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.Identity()
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention written out: (B, T, C) -> (B, T, C).
+
+    q = x Wq, k = x Wk, v = x Wv, each split into H heads of size D; scores = q k^T / sqrt(D) with the
+    future masked to -inf; weights = softmax(scores) (B, H, T, T); out = (weights v) concatenated, then Wo.
+    """
+
+    def __init__(self, cfg: MiniConfig):
+        super().__init__()
+        self.n_head, self.head_dim, self.variant = cfg.n_head, cfg.head_dim, cfg.qkv
+        C = cfg.d_model
+        self.q_proj = nn.Linear(C, C, bias=cfg.bias)
+        # tied_qk: K *is* Q's matrix, so score(i, j) = q_i . q_j is symmetric in i and j.
+        self.k_proj = self.q_proj if cfg.qkv == "tied_qk" else nn.Linear(C, C, bias=cfg.bias)
+        # identity_v: the value of a token is its own residual vector, no learned "what to send".
+        self.v_proj = nn.Identity() if cfg.qkv == "identity_v" else nn.Linear(C, C, bias=cfg.bias)
+        # no_o: heads are written back without the mixing matrix Wo.
+        self.o_proj = nn.Identity() if cfg.qkv == "no_o" else nn.Linear(C, C, bias=cfg.bias)
+        if cfg.qkv == "frozen_qk":
+            # Random fixed Q and K: the pattern of who-attends-to-whom cannot be learned.
+            self.q_proj.requires_grad_(False)
+            self.k_proj.requires_grad_(False)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, T, C = t.shape
+        return t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)          # (B, H, T, D)
+
+    def forward(self, x: torch.Tensor, return_weights: bool = False):
+        """x (B, T, C) -> out (B, T, C); with return_weights also the (B, H, T, T) attention weights."""
+        B, T, C = x.shape
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)           # (B, H, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)  # rows sum to 1
+        out = (weights @ v).transpose(1, 2).reshape(B, T, C)                  # (B, T, C) heads concatenated
+        out = self.o_proj(out)
+        return (out, weights) if return_weights else out
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: (B, T, C) -> up (B, T, d_ff) -> GELU -> down (B, T, C)."""
+
+    def __init__(self, cfg: MiniConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """One transformer block: (B, T, C) -> (B, T, C).
+
+    pre-norm : x = x + attn(norm1(x));  x = x + mlp(norm2(x))     (the residual stream is never normalised)
+    post-norm: x = norm1(x + attn(x));  x = norm2(x + mlp(x))     (the 2017 Transformer)
+    residual=False drops the ``x +`` so each sub-layer's output replaces its input.
+    """
+
+    def __init__(self, cfg: MiniConfig):
+        super().__init__()
+        self.placement, self.residual = cfg.placement, cfg.residual
+        self.norm1, self.attn = make_norm(cfg), CausalSelfAttention(cfg)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def _sublayer(self, x, norm, fn):
+        if self.placement == "pre":
+            y = fn(norm(x))
+            return x + y if self.residual else y
+        return norm(x + fn(x)) if self.residual else norm(fn(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._sublayer(x, self.norm1, self.attn)
+        return self._sublayer(x, self.norm2, self.mlp)
+
+
+class MiniFormer(nn.Module):
+    """A decoder-only transformer: idx (B, T) -> logits (B, T, V).
+
+    tok_emb (V, C) + pos_emb (block_size, C) -> n_layer Blocks -> final norm (pre-norm only: post-norm
+    blocks already end in a norm) -> lm_head (tied to tok_emb).
+    """
+
+    def __init__(self, cfg: MiniConfig):
+        super().__init__()
+        if not isinstance(cfg, MiniConfig):
+            raise TypeError(f"cfg must be a MiniConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg) if cfg.placement == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight                               # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():   # GPT-2: shrink residual-branch outputs with depth
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        """Distinct parameters (a tied matrix counted once), trainable or not."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def _check_idx(self, idx, targets=None) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long:
+            raise TypeError(f"idx must be a torch.long tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx must have shape (B, T) with T >= 1, got {tuple(idx.shape)}")
+        if idx.shape[1] > self.cfg.block_size:
+            raise ValueError(f"idx has T={idx.shape[1]} tokens, more than block_size={self.cfg.block_size}")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
+            raise ValueError(f"idx values must lie in [0, {self.cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
+        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape):
+            raise ValueError(f"targets must be a tensor of shape {tuple(idx.shape)}, got {getattr(targets, 'shape', targets)}")
+
+    def residual_stream(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """The hidden state after the embeddings and after every block: n_layer + 1 tensors (B, T, C)."""
+        self._check_idx(idx)
+        T = idx.shape[1]
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))  # (B, T, C)
+        states = [x]
+        for block in self.blocks:
+            x = block(x)
+            states.append(x)
+        return states
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx (B, T) long -> (logits (B, T, V), loss: mean cross-entropy in nats/token or None)."""
+        self._check_idx(idx, targets)
+        x = self.norm(self.residual_stream(idx)[-1])
+        logits = self.lm_head(x)                                                # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Softmax weights of every layer: a list of n_layer tensors (B, H, T, T)."""
+        maps = []
+        x = self.residual_stream(idx)[0]
+        for block in self.blocks:
+            # re-run the block's attention on the same input it sees in forward, keeping its weights
+            h = block.norm1(x) if block.placement == "pre" else x
+            maps.append(block.attn(h, return_weights=True)[1])
+            x = block(x)
+        return maps
+
+
+def load_from_gpt(mini: MiniFormer, gpt: nn.Module) -> MiniFormer:
+    """Copy a shared.model.GPT's weights into ``mini`` (same module names, so a strict state-dict load).
+
+    Raises ValueError naming the missing / unexpected keys or mismatched shapes if the two are not built alike.
+    """
+    if not isinstance(mini, MiniFormer):
+        raise TypeError(f"mini must be a MiniFormer, got {type(mini).__name__}")
+    source = {k: v for k, v in gpt.state_dict().items()}
+    target = mini.state_dict()
+    missing = sorted(set(target) - set(source))
+    unexpected = sorted(set(source) - set(target))
+    shapes = [f"{k}: {tuple(source[k].shape)} vs {tuple(target[k].shape)}"
+              for k in set(source) & set(target) if source[k].shape != target[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"gpt and mini are not built alike: missing {missing}, unexpected {unexpected}, "
+                         f"shape mismatches {shapes}")
+    mini.load_state_dict(source, strict=True)
+    return mini
+
+
+def block_grad_norms(model: MiniFormer) -> torch.Tensor:
+    """L2 norm of the gradient of each block's parameters after a backward pass: (n_layer,)."""
+    norms = []
+    for i, block in enumerate(model.blocks):
+        grads = [p.grad.flatten() for p in block.parameters() if p.grad is not None]
+        if not grads:
+            raise ValueError(f"block {i} has no gradients: call loss.backward() first")
+        norms.append(torch.cat(grads).norm())
+    return torch.stack(norms)
+
+
+def grad_norms_on_batch(model: MiniFormer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-block gradient norms (n_layer,) of the loss on one batch x, y (B, T); leaves no grads behind."""
+    model.zero_grad(set_to_none=True)
+    _, loss = model(x, y)
+    loss.backward()
+    norms = block_grad_norms(model).detach()
+    model.zero_grad(set_to_none=True)
+    return norms
+
+
+def overfit_one_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 200,
+                      lr: float = 3e-3) -> list[float]:
+    """Train on the single batch (x, y) (B, T) with Adam for ``steps``; returns the loss of every step.
+
+    An end-to-end sanity check: a working model memorises one batch, so the loss must go to ~0.
+    """
+    _check_int("steps", steps)
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def torch_reference_block(block: Block) -> nn.TransformerEncoderLayer:
+    """PyTorch's own ``nn.TransformerEncoderLayer`` carrying ``block``'s weights: the trusted reference.
+
+    ``norm_first=True`` is pre-norm, ``False`` post-norm; call it with a causal ``src_mask`` (T, T) bool
+    (True = masked) and ``is_causal=True``. Only for the standard block (LayerNorm, residual, qkv="full").
+    """
+    if not isinstance(block, Block):
+        raise TypeError(f"block must be a Block, got {type(block).__name__}")
+    attn, mlp = block.attn, block.mlp
+    if attn.variant != "full" or not block.residual or not isinstance(block.norm1, nn.LayerNorm):
+        raise ValueError("torch_reference_block needs a standard block: qkv='full', residual=True, norm='layer'")
+    C, d_ff = attn.q_proj.in_features, mlp.up_proj.out_features
+    ref = nn.TransformerEncoderLayer(C, attn.n_head, dim_feedforward=d_ff, dropout=0.0, activation="gelu",
+                                     layer_norm_eps=block.norm1.eps, batch_first=True,
+                                     norm_first=block.placement == "pre", bias=True)
+    zero = lambda n: torch.zeros(n)                     # a bias-free Linear is one whose bias is zero
+    bias_of = lambda lin: lin.bias if lin.bias is not None else zero(lin.out_features)
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        ref.self_attn.out_proj.weight.copy_(attn.o_proj.weight)
+        ref.linear1.weight.copy_(mlp.up_proj.weight)
+        ref.linear2.weight.copy_(mlp.down_proj.weight)
+        ref.norm1.weight.copy_(block.norm1.weight)
+        ref.norm2.weight.copy_(block.norm2.weight)
+        ref.self_attn.in_proj_bias.copy_(torch.cat([bias_of(attn.q_proj), bias_of(attn.k_proj), bias_of(attn.v_proj)]))
+        ref.self_attn.out_proj.bias.copy_(bias_of(attn.o_proj))
+        ref.linear1.bias.copy_(bias_of(mlp.up_proj))
+        ref.linear2.bias.copy_(bias_of(mlp.down_proj))
+        ref.norm1.bias.copy_(block.norm1.bias)
+        ref.norm2.bias.copy_(block.norm2.bias)
+    return ref.eval()
+
+
+def causal_mask(T: int) -> torch.Tensor:
+    """(T, T) bool mask, True above the diagonal (the future a token may not see)."""
+    _check_int("T", T)
+    return torch.ones(T, T, dtype=torch.bool).triu(1)
