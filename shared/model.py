@@ -108,8 +108,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
     """ALiBi's per-head slopes: a geometric sequence 2^(-8/n), 2^(-16/n), ... (paper's rule for non-powers of 2)."""
-    if n_head <= 0:
-        raise ValueError(f"n_head must be positive, got {n_head}")
+    if not isinstance(n_head, int) or isinstance(n_head, bool) or n_head <= 0:
+        raise ValueError(f"n_head must be a positive int, got {n_head!r}")
 
     def powers_of_two(n):
         start = 2 ** (-8 / n)
@@ -281,7 +281,11 @@ class GPT(nn.Module):
         if cfg.pos == "learned":
             self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
         elif cfg.pos == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.d_model), persistent=False)
+            # The raw table has entries of size ~0.7 while token embeddings start at std init_std (0.02): added
+            # as is, position would drown token identity. Scale it to the embeddings' size (the Transformer
+            # paper instead multiplies embeddings by sqrt(d_model)).
+            table = sinusoidal_table(cfg.block_size, cfg.d_model) * cfg.init_std
+            self.register_buffer("pos_table", table, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             Block(cfg, i, attn_factory(cfg, i), mlp_factory(cfg, i), norm_factory) for i in range(cfg.n_layer))

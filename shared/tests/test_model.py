@@ -139,6 +139,15 @@ def test_alibi_slopes_closed_form():
     assert torch.allclose(alibi_slopes(6), torch.tensor([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]))
 
 
+def test_sinusoidal_positions_are_scaled_like_token_embeddings():
+    m = tiny(pos="sinusoidal", d_model=64)
+    torch.testing.assert_close(m.pos_table, sinusoidal_table(32, 64) * m.cfg.init_std)
+    ratio = m.pos_table.pow(2).mean().sqrt() / m.tok_emb.weight.pow(2).mean().sqrt()
+    assert 0.3 < ratio < 3     # neither drowns the other at initialisation
+    with pytest.raises(ValueError, match="positive int"):
+        alibi_slopes(2.5)
+
+
 def test_sinusoidal_table_formula():
     t = sinusoidal_table(10, 6)
     assert t.shape == (10, 6)
