@@ -155,7 +155,7 @@ class MultiHeadAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
         q, k, v = (self.split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, D)
-        if fast:   # fused kernel, no weights; same argument checks as the explicit path
+        if fast:   # fused kernel, no weights kept; torch checks the mask itself
             if is_causal and mask is not None:
                 raise ValueError("pass either mask or is_causal=True, not both")
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
