@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+TRAIN_THREADS = 2  # torch threads used to train every entry (see _build)
 ZOO_VERSION = 1   # bump when the training code changes in a way that should invalidate every checkpoint
 
 RECIPES: dict[str, dict] = {
@@ -112,8 +113,15 @@ def _build(name: str, recipe: dict, out: Path) -> None:
     t = dict(recipe["train"])
     seed_everything(t.get("seed", 0))
     model = GPT(cfg)
-    hist = train(model, train_ids, val_ids, progress=False, **t)
-    val_loss = evaluate_stream(model, val_ids, cfg.block_size)
+    # The thread count changes how float sums are split, hence the trained bits: pin it (CI has 2 cores), so a
+    # notebook that set 1 thread before triggering training still gets the same checkpoint.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        hist = train(model, train_ids, val_ids, progress=False, **t)
+        val_loss = evaluate_stream(model, val_ids, cfg.block_size)
+    finally:
+        torch.set_num_threads(threads)
     meta = {"name": name, "recipe": recipe, "hash": recipe_hash(recipe), "params": model.num_params(),
             "train_seconds": round(hist.seconds, 1), "tokens_per_sec": round(hist.tokens_per_sec),
             "train_tokens": len(train_ids), "final_train_loss": hist.train_loss[-1],
