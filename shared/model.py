@@ -319,6 +319,9 @@ class GPT(nn.Module):
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be a (B, T) long tensor, got shape {tuple(idx.shape)} dtype {idx.dtype}")
         B, T = idx.shape
+        if T and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got min {idx.min().item()} "
+                             f"max {idx.max().item()}")
         if self.cfg.pos in ("learned", "sinusoidal") and start_pos + T > self.cfg.block_size:
             raise ValueError(f"{self.cfg.pos} positions cover {self.cfg.block_size} tokens, got {start_pos + T}")
         x = self.tok_emb(idx)                                   # (B, T, C)

@@ -177,6 +177,8 @@ def test_bad_inputs_raise():
     m = tiny(pos="learned")
     with pytest.raises(ValueError, match="long tensor"):
         m(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 50\)"):
+        m(torch.tensor([[3, 50]]))
     with pytest.raises(ValueError, match="cover 32 tokens"):
         m(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(ValueError, match="targets shape"):
