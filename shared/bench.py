@@ -60,16 +60,19 @@ def tensor_bytes(*items) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
 
-    for item in items:
+    def visit(item):
         if isinstance(item, torch.Tensor):
             add(item)
         elif isinstance(item, torch.nn.Module):
             for t in list(item.parameters()) + list(item.buffers()):
                 add(t)
         elif isinstance(item, (list, tuple)):
-            total += tensor_bytes(*item) if item else 0
+            for x in item:
+                visit(x)
         else:
-            raise TypeError(f"expected tensors or modules, got {type(item).__name__}")
+            raise TypeError(f"expected tensors, modules or lists of them, got {type(item).__name__}")
+
+    visit(items)
     return total
 
 

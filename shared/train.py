@@ -65,7 +65,10 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = N
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if lr <= 0 or batch_size < 1:
         raise ValueError(f"lr must be > 0 and batch_size >= 1, got {lr}, {batch_size}")
-    seq_len = seq_len or model.cfg.block_size
+    if seq_len is None:
+        if not hasattr(model, "cfg"):
+            raise ValueError("seq_len is required for a model without a `cfg.block_size`")
+        seq_len = model.cfg.block_size
     warmup = max(1, steps // 20) if warmup is None else warmup
     eval_every = eval_every or max(1, steps // 10)
     dev = next(model.parameters()).device

@@ -59,6 +59,7 @@ def test_tensor_bytes():
     x = torch.zeros(5, dtype=torch.bfloat16)
     assert bench.tensor_bytes(x, x) == 10          # the same tensor once
     assert bench.tensor_bytes([x, torch.zeros(2)]) == 18
+    assert bench.tensor_bytes([x, [x]], x) == 10    # counted once however it is nested
     assert bench.tensor_bytes(torch.empty(2**20, device="meta"), torch.empty(2**20, device="meta")) == 2**23
     assert bench.peak_rss_bytes() > 1_000_000
     with pytest.raises(TypeError):
