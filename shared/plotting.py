@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 
 STYLE = {
@@ -80,7 +79,3 @@ def floor_line(ax, value: float, label: str = "entropy floor", **kwargs):
     kwargs.setdefault("color", "black")
     kwargs.setdefault("linestyle", ":")
     return ax.axhline(value, label=label, **kwargs)
-
-
-def close_all() -> None:
-    plt.close("all")

@@ -81,7 +81,7 @@ def _is_valid(entry: Path) -> bool:
         return False
 
 
-def corpus(recipe_or_name) -> "datasets.DatasetDict":  # noqa: F821
+def corpus(recipe_or_name):
     """The corpus a recipe trains on (a `DatasetDict`), e.g. `corpus('stories-base')['validation']`."""
     from . import data
 
