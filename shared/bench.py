@@ -49,16 +49,22 @@ def timeit(fn: Callable[[], object], warmup: int = 2, repeats: int = 7,
 
 
 def tensor_bytes(*items) -> int:
-    """Bytes held by tensors and/or modules (parameters + buffers; shared storage counted once)."""
-    seen, total = set(), 0
+    """Bytes of memory held by tensors and/or modules (parameters + buffers), each byte counted once.
+
+    A tensor and a view of it (a slice, a transpose, a tied weight) share storage: the bytes counted are the
+    union of the storage ranges the given tensors span, so overlapping views add nothing.
+    """
+    spans: dict[object, list[tuple[int, int]]] = {}
 
     def add(t: torch.Tensor):
-        nonlocal total
-        # meta tensors all report data_ptr 0: tell them apart by identity instead
-        key = ("id", id(t)) if t.is_meta else (t.data_ptr(), t.numel(), t.element_size())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
+        if t.numel() == 0:
+            return
+        size = t.element_size()
+        extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))   # elements from first to last
+        start = t.storage_offset() * size
+        # meta tensors have no storage address: tell them apart by identity instead
+        key = ("meta", id(t)) if t.is_meta else (t.device, t.untyped_storage().data_ptr())
+        spans.setdefault(key, []).append((start, start + extent * size))
 
     def visit(item):
         if isinstance(item, torch.Tensor):
@@ -73,6 +79,13 @@ def tensor_bytes(*items) -> int:
             raise TypeError(f"expected tensors, modules or lists of them, got {type(item).__name__}")
 
     visit(items)
+    total = 0
+    for ranges in spans.values():               # union of [start, end) byte ranges per storage
+        end_so_far = -1
+        for start, end in sorted(ranges):
+            if end > end_so_far:
+                total += end - max(start, end_so_far)
+                end_so_far = end
     return total
 
 

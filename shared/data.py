@@ -13,6 +13,7 @@ Plus `encode_corpus` (texts -> one token stream) and `random_windows` (seeded (x
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -305,6 +306,47 @@ def bits_per_char(loss_nats_per_token: float, n_tokens: int, n_chars: int) -> fl
     if n_tokens <= 0 or n_chars <= 0:
         raise ValueError(f"n_tokens and n_chars must be positive, got {n_tokens}, {n_chars}")
     return loss_nats_per_token * n_tokens / n_chars / math.log(2)
+
+
+@dataclass
+class StoryStreams:
+    """The story corpus as token streams, ready for `shared.train`, with the numbers every loss is read against.
+
+    `train`, `validation`, `test`: 1-D long streams (end-of-text after every story); `texts` holds the split
+    datasets (with each story's metadata). `floor_bits_per_char` is the corpus's entropy rate (the Bayes floor,
+    estimated on fresh stories, ± `floor_se`); `val_floor_bits_per_char` is the exact code length of this very
+    validation set under the generator.
+    """
+    texts: object                       # datasets.DatasetDict with columns text, logprob, n_chars, ...
+    train: torch.Tensor
+    validation: torch.Tensor
+    test: torch.Tensor | None
+    floor_bits_per_char: float
+    floor_se: float
+    val_floor_bits_per_char: float
+
+    def bits_per_char(self, loss_nats_per_token: float, split: str = "validation") -> float:
+        """A mean loss (nats/token) over a split's stream, in bits per character of that split's text."""
+        if split not in ("train", "validation", "test") or getattr(self, split) is None:
+            raise ValueError(f"split must be one of train/validation/test (present), got {split!r}")
+        return bits_per_char(loss_nats_per_token, len(getattr(self, split)) - 1, sum(self.texts[split]["n_chars"]))
+
+
+@functools.lru_cache(maxsize=4)
+def _entropy_rate_cached(*args) -> tuple[float, float]:
+    return entropy_rate(*args)
+
+
+def story_streams(tokenizer, n_train: int = 20000, n_val: int = 1000, n_test: int = 0, seed: int = 0) -> StoryStreams:
+    """`stories(...)` encoded with `tokenizer` into streams, with the entropy floor: one call per notebook."""
+    texts = stories(n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
+    streams = {split: encode_corpus(tokenizer, texts[split]["text"]) if len(texts[split]) else None
+               for split in ("train", "validation", "test")}
+    if streams["train"] is None or streams["validation"] is None:
+        raise ValueError(f"need n_train >= 1 and n_val >= 1, got {n_train}, {n_val}")
+    floor, floor_se = _entropy_rate_cached(4000, 123)
+    val_floor = -sum(texts["validation"]["logprob"]) / math.log(2) / sum(texts["validation"]["n_chars"])
+    return StoryStreams(texts, streams["train"], streams["validation"], streams["test"], floor, floor_se, val_floor)
 
 
 # ----------------------------------------------------------------------------------------------------------

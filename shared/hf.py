@@ -80,6 +80,23 @@ def save_hf(model: GPT, tokenizer, path: str | Path) -> Path:
     return path
 
 
+def _check_representable(c) -> None:
+    """Refuse a Llama config the shared GPT cannot express, rather than converting it into another model."""
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    problems = []
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_type={rope.get('rope_type')!r} (scaled RoPE; only 'default' is supported)")
+    if getattr(c, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={c.hidden_act!r} (the shared SwiGLU uses silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(c, flag, False):
+            problems.append(f"{flag}=True (the shared GPT's linear layers have no bias)")
+    if getattr(c, "pretraining_tp", 1) not in (None, 1):
+        problems.append(f"pretraining_tp={c.pretraining_tp}")
+    if problems:
+        raise ValueError("this Llama config cannot be represented by shared.model.GPT: " + "; ".join(problems))
+
+
 def from_hf(hf_model_or_path) -> GPT:
     """A shared GPT from a `LlamaForCausalLM` (or a folder holding one)."""
     from transformers import LlamaForCausalLM
@@ -88,6 +105,7 @@ def from_hf(hf_model_or_path) -> GPT:
     if isinstance(hf, (str, Path)):
         hf = LlamaForCausalLM.from_pretrained(str(hf))
     c = hf.config
+    _check_representable(c)
     theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if head_dim * c.num_attention_heads != c.hidden_size:

@@ -3,7 +3,12 @@
 Default architecture: RMSNorm pre-norm, rotary positions (RoPE, Llama's rotate-half convention), SwiGLU MLP,
 grouped-query attention (`n_kv_head` key/value heads shared by `n_head` query heads), no biases. Options let
 later notebooks swap positions (`rope|learned|sinusoidal|alibi|none`), norm (`rms|layer`), activation
-(`swiglu|gelu|relu`), drop the causal mask, or plug in their own attention / MLP / norm modules.
+(`swiglu|gelu|relu`) and drop the causal mask. New ideas (MoE, grouped or windowed attention, other norms) plug in
+through the `attn_factory`, `mlp_factory` and `norm_factory` hooks, not as more config flags.
+
+`block_size` is the length the model is trained at (and the size of a learned/sinusoidal table); how much context
+generation keeps is `decode`'s own `window` argument. `decode` is the one decoding loop: what differs between
+greedy, sampling and 05's full sampler is only the `pick_next` callable it is given.
 
 Shapes: B batch, T time (tokens), C = d_model, H query heads, K key/value heads, D = head_dim = C // H, V vocab.
 """
@@ -25,7 +30,7 @@ ACTIVATIONS = ("swiglu", "gelu", "relu")
 @dataclass
 class GPTConfig:
     vocab_size: int
-    block_size: int = 256          # longest context the model is trained for (learned/sinusoidal tables have this many rows)
+    block_size: int = 256          # training length; learned/sinusoidal tables have this many rows (decode's window is separate)
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int | None = None   # None: n_head (plain multi-head attention); 1: multi-query attention
@@ -88,7 +93,7 @@ class GPTConfig:
 
 # ----------------------------------------------------------------------------------------------------------
 # Positions
-def rope_cos_sin(head_dim: int, positions: torch.Tensor, theta: float = 10000.0,
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (T, D) for integer `positions` (T,): frequency i (of D/2) repeated in both halves."""
     if head_dim % 2:
@@ -97,6 +102,25 @@ def rope_cos_sin(head_dim: int, positions: torch.Tensor, theta: float = 10000.0,
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]   # (T, D/2)
     angles = torch.cat([angles, angles], dim=-1)                        # (T, D): rotate-half layout
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_table(start: int, length: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_cos_sin` for positions start .. start+length-1, sliced from a table kept per (D, theta, device, dtype).
+
+    Every layer of every forward pass needs the same rows: computing them once saves a dozen small kernels per
+    layer per step. The table grows by doubling; its rows are bitwise the rows `rope_cos_sin` computes.
+    """
+    key = (head_dim, float(theta), str(device), dtype)
+    cos, sin = _ROPE_TABLES.get(key, (None, None))
+    end = start + length
+    if cos is None or cos.shape[0] < end:
+        size = 1 << max(8, (end - 1).bit_length())
+        cos, sin = rope_cos_sin(torch.arange(size, device=device), head_dim, theta, dtype)
+        _ROPE_TABLES[key] = (cos, sin)
+    return cos[start:end], sin[start:end]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -145,7 +169,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # one fused kernel; equal (to float rounding) to x * rsqrt(mean(x^2) + eps) * weight
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
@@ -172,17 +197,26 @@ class Attention(nn.Module):
         self.store_weights = False    # set by GPT.attention_maps: compute softmax weights explicitly and keep them
         self.last_weights = None
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: dict | None = None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), keys and values (B, K, T, D) of x (B, T, C), RoPE applied at absolute positions
+        start_pos .. start_pos + T - 1. The one place the projection + head split lives (06's cache and 03's
+        maps call it too)."""
         cfg = self.cfg
-        B, T, C = x.shape
+        B, T, _ = x.shape
         H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)   # (B, H, T, D)
         k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)   # (B, K, T, D)
         v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)   # (B, K, T, D)
         if cfg.pos == "rope":
-            positions = torch.arange(start_pos, start_pos + T, device=x.device)
-            cos, sin = rope_cos_sin(D, positions, cfg.rope_theta, q.dtype)
+            cos, sin = rope_table(start_pos, T, D, cfg.rope_theta, x.device, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: dict | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, C = x.shape
+        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q, k, v = self.project(x, start_pos)
         if cache is not None:
             if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)
@@ -356,38 +390,86 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to idx (B, T). temperature=0 is greedy.
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 window: int | None = None) -> torch.Tensor:
+        """Append `max_new_tokens` tokens to idx (B, T): temperature=0 is greedy, else temperature/top-k sampling.
 
-        With `use_cache` the prompt is run once and then one token per step, reusing each layer's keys and
-        values; when the context would pass `block_size`, it falls back to re-running the last block_size tokens.
-        """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        was_training = self.training
-        self.eval()
-        caches = [{} for _ in self.blocks] if use_cache else None
-        fed = 0                                               # tokens already inside the caches
-        for _ in range(max_new_tokens):
-            if caches is not None and idx.shape[1] <= self.cfg.block_size:
-                logits, _ = self(idx[:, fed:], start_pos=fed, caches=caches)
-                fed = idx.shape[1]
-            else:
-                caches = None
-                logits, _ = self(idx[:, -self.cfg.block_size:])
-            logits = logits[:, -1, :]                         # (B, V)
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        self.train(was_training)
-        return idx
+        A thin wrapper of `decode` (the one decoding loop; see there for `use_cache` and `window`)."""
+        return decode(self, idx, max_new_tokens, sample_next(temperature, top_k, generator),
+                      window=window, use_cache=use_cache)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding: one loop for every notebook; what differs between decoders is only how the next token is picked.
+PickNext = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (logits (B, V), ids so far (B, T)) -> (B,) ids
+
+
+def greedy_next(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row: (B, V) -> (B,)."""
+    return logits.argmax(dim=-1)
+
+
+def sample_next(temperature: float = 1.0, top_k: int | None = None,
+                generator: torch.Generator | None = None) -> PickNext:
+    """A picker drawing from softmax(logits / temperature), optionally kept to the top_k logits; 0 = greedy.
+    (05-sampling builds the full sampler: top-p, min-p, repetition penalty.)"""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if temperature == 0:
+        return greedy_next
+
+    def pick(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+    return pick
+
+
+@torch.no_grad()
+def decode(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, pick_next: PickNext, *,
+           window: int | None = None, use_cache: bool | None = None) -> torch.Tensor:
+    """Autoregressive decoding: idx (B, T0) long -> (B, T0 + max_new_tokens), one `pick_next` call per token.
+
+    `model(ids)` returns `(logits (B, T, V), _)`. The model sees at most `window` tokens: past that, the oldest
+    are dropped (a sliding window, re-run in full each step). `window` defaults to a GPT's `cfg.block_size`
+    (the length it was trained at) and is unlimited for other models; a GPT with learned/sinusoidal positions
+    cannot take a window longer than its table. With `use_cache` (default: when `model` is a `GPT`) the prompt
+    runs once and then one token per step, each layer's attention keeping its keys/values in a per-layer dict;
+    once the context passes the window, decoding falls back to the sliding re-run.
+    """
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long or idx.shape[1] == 0:
+        raise ValueError(f"idx must be a (B, T0 >= 1) long tensor, got {getattr(idx, 'shape', type(idx).__name__)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    is_gpt = isinstance(model, GPT)
+    if window is None and is_gpt:
+        window = model.cfg.block_size
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
+        if is_gpt and model.cfg.pos in ("learned", "sinusoidal") and window > model.cfg.block_size:
+            raise ValueError(f"{model.cfg.pos} positions cover {model.cfg.block_size} tokens: window {window} "
+                             "is longer than the position table")
+    use_cache = is_gpt if use_cache is None else use_cache
+    if use_cache and not is_gpt:
+        raise TypeError(f"use_cache needs a shared GPT (forward with start_pos and caches), got {type(model).__name__}")
+    was_training = model.training
+    model.eval()
+    caches = [{} for _ in model.blocks] if use_cache else None
+    fed = 0                                                   # tokens already inside the caches
+    for _ in range(max_new_tokens):
+        if caches is not None and (window is None or idx.shape[1] <= window):
+            logits = model(idx[:, fed:], start_pos=fed, caches=caches)[0]
+            fed = idx.shape[1]
+        else:
+            caches = None                                     # past the window: slide, re-running it in full
+            logits = model(idx if window is None else idx[:, -window:])[0]
+        nxt = pick_next(logits[:, -1, :], idx)                # (B,)
+        idx = torch.cat([idx, nxt.reshape(-1, 1).to(idx.dtype)], dim=1)
+    model.train(was_training)
+    return idx

@@ -9,6 +9,7 @@ notebook is printed, and the first failing cell is shown with its error before t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="*", help="folder number prefixes such as 01 02 (default: all)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell (default 900)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # kernels inherit it (see the root conftest.py)
     notebooks = find_notebooks(args.folders)
     if not notebooks:
         print("no notebooks found")

@@ -42,12 +42,32 @@ def evaluate(model, tokens: torch.Tensor, seq_len: int, batch_size: int = 32, n_
     model.eval()
     g = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
-    total = 0.0
+    losses = []
     for _ in range(n_batches):
         x, y = random_windows(tokens, seq_len, batch_size, g)
-        total += model(x.to(dev), y.to(dev))[1].item()
+        losses.append(model(x.to(dev), y.to(dev))[1])
     model.train(was_training)
-    return total / n_batches
+    return torch.stack(losses).mean().item()
+
+
+def make_optimizer(model, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms, biases or other 1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=betas)
+
+
+def _check_train_args(model, steps, lr, batch_size, seq_len) -> int:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if lr <= 0 or batch_size < 1:
+        raise ValueError(f"lr must be > 0 and batch_size >= 1, got {lr}, {batch_size}")
+    if seq_len is None:
+        if not hasattr(model, "cfg"):
+            raise ValueError("seq_len is required for a model without a `cfg.block_size`")
+        seq_len = model.cfg.block_size
+    return seq_len
 
 
 def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = None, *, steps: int,
@@ -58,28 +78,17 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = N
     """Train in place on random windows of `train_tokens`; returns a History.
 
     Deterministic for a given seed and thread count: batches come from a seeded generator, and the model's
-    initial weights are whatever the caller built (seed before building it). Weight decay applies to matrices
-    only (not norms or 1-D parameters). `seq_len` defaults to the model's `cfg.block_size`.
+    initial weights are whatever the caller built (seed before building it). `seq_len` defaults to the model's
+    `cfg.block_size`. Validation (every `eval_every` steps and at the end) uses fixed windows of `val_tokens`.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if lr <= 0 or batch_size < 1:
-        raise ValueError(f"lr must be > 0 and batch_size >= 1, got {lr}, {batch_size}")
-    if seq_len is None:
-        if not hasattr(model, "cfg"):
-            raise ValueError("seq_len is required for a model without a `cfg.block_size`")
-        seq_len = model.cfg.block_size
+    seq_len = _check_train_args(model, steps, lr, batch_size, seq_len)
     warmup = max(1, steps // 20) if warmup is None else warmup
     eval_every = eval_every or max(1, steps // 10)
     dev = next(model.parameters()).device
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
+    opt = make_optimizer(model, lr, weight_decay, betas)
     g = torch.Generator().manual_seed(seed)
-    hist = History()
-    start = time.perf_counter()
-    train_time = 0.0
+    hist, start, train_time = History(), time.perf_counter(), 0.0
+    losses = []                                           # loss tensors: one host sync at the end, not per step
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -87,9 +96,8 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = N
     model.train()
     for step in range(steps):
         t0 = time.perf_counter()
-        current_lr = lr_at(step, steps, lr, warmup, min_lr_ratio)
         for group in opt.param_groups:
-            group["lr"] = current_lr
+            group["lr"] = lr_at(step, steps, lr, warmup, min_lr_ratio)
         x, y = random_windows(train_tokens, seq_len, batch_size, g)
         _, loss = model(x.to(dev), y.to(dev))
         opt.zero_grad(set_to_none=True)
@@ -98,19 +106,18 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = N
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         train_time += time.perf_counter() - t0
-        hist.step.append(step)
-        hist.train_loss.append(loss.item())
-        hist.lr.append(current_lr)
+        losses.append(loss.detach())
+        hist.lr.append(opt.param_groups[0]["lr"])
         if val_tokens is not None and ((step + 1) % eval_every == 0 or step == steps - 1):
             hist.val_step.append(step + 1)
             hist.val_loss.append(evaluate(model, val_tokens, seq_len, batch_size, eval_batches, seed=1))
             model.train()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}")
     if bar is not None:
         bar.close()
     model.eval()
+    hist.step, hist.train_loss = list(range(steps)), torch.stack(losses).tolist()
     hist.tokens_per_sec = steps * batch_size * seq_len / max(train_time, 1e-9)
     hist.seconds = time.perf_counter() - start
     return hist

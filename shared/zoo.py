@@ -9,7 +9,9 @@ written entry; an entry whose weights do not match their recorded sha256 (trunca
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -20,8 +22,10 @@ from pathlib import Path
 
 import torch
 
+from .train import train as train_loop
+
 TRAIN_THREADS = 2  # torch threads used to train every entry (see _build)
-ZOO_VERSION = 1   # bump when the training code changes in a way that should invalidate every checkpoint
+ZOO_VERSION = 2   # bump when the training code changes in a way that should invalidate every checkpoint
 
 RECIPES: dict[str, dict] = {
     # The base model every notebook can use: ~1.3M parameters, Llama-shaped, trained ~2.7 min on 2 CPU cores.
@@ -38,14 +42,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMP_CACHE") or Path.home() / ".cache" / "llm-projects")
 
 
+RECIPE_KEYS = {
+    "data": {"corpus", "n_train", "n_val", "n_test", "seed"},
+    "tokenizer": {"vocab_size"},
+    "train": set(inspect.signature(train_loop).parameters) - {"model", "train_tokens", "val_tokens", "progress"},
+}
+
+
+def _check_recipe(name: str, recipe: dict) -> None:
+    """Every section present, and no key that training would silently ignore (or crash on much later)."""
+    from .model import GPTConfig
+
+    missing = {"data", "tokenizer", "model", "train"} - set(recipe)
+    unknown_sections = set(recipe) - {"data", "tokenizer", "model", "train"}
+    if missing or unknown_sections:
+        raise ValueError(f"recipe for {name!r} needs exactly the sections data, tokenizer, model, train; "
+                         f"missing {sorted(missing)}, unknown {sorted(unknown_sections)}")
+    allowed = dict(RECIPE_KEYS, model={f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"})
+    for section, keys in allowed.items():
+        unknown = set(recipe[section]) - keys
+        if unknown:
+            raise ValueError(f"recipe for {name!r}: unknown {section} keys {sorted(unknown)}; allowed {sorted(keys)}")
+
+
 def register(name: str, recipe: dict) -> None:
     """Add (or replace) a recipe, e.g. a project's own small model or a tiny one in tests."""
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"name must be a non-empty string without '/', got {name!r}")
-    missing = {"data", "tokenizer", "model", "train"} - set(recipe)
-    if missing:
-        raise ValueError(f"recipe for {name!r} lacks sections {sorted(missing)}")
+    _check_recipe(name, recipe)
     RECIPES[name] = copy.deepcopy(recipe)
+
+
+for _name, _r in RECIPES.items():
+    _check_recipe(_name, _r)
 
 
 def recipe_hash(recipe: dict) -> str:
@@ -53,10 +82,30 @@ def recipe_hash(recipe: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def seed_override() -> int | None:
+    """`LLMP_ZOO_SEED`: train every zoo entry with this seed instead of its recipe's (init and batch order).
+
+    It proves that a notebook's compared outputs and lessons hold for any honestly trained checkpoint, not just
+    the bits of one: `LLMP_ZOO_SEED=1 pytest --nbval`. The seed is part of the recipe, hence of its hash and
+    cache folder, so both checkpoints live side by side.
+    """
+    value = os.environ.get("LLMP_ZOO_SEED", "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"LLMP_ZOO_SEED must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def _recipe(name: str) -> dict:
     if name not in RECIPES:
         raise KeyError(f"unknown zoo model {name!r}; known: {sorted(RECIPES)}")
-    return RECIPES[name]
+    recipe = RECIPES[name]
+    seed = seed_override()
+    if seed is not None:
+        recipe = copy.deepcopy(recipe)
+        recipe["train"]["seed"] = seed
+    return recipe
 
 
 def entry_dir(name: str) -> Path:

@@ -113,3 +113,15 @@ def test_bad_generator_arguments():
         data.StoryGenerator(min_recall=5, max_recall=2)
     with pytest.raises(ValueError):
         data.StoryGenerator(min_recall=-1)
+
+
+def test_story_streams(story_tokenizer):
+    s = data.story_streams(story_tokenizer, n_train=50, n_val=20, n_test=5)
+    assert s.train.dtype == torch.long and s.test is not None and len(s.texts["validation"]) == 20
+    assert (s.validation == story_tokenizer.eos_token_id).sum() == 20          # one end-of-text per story
+    chars = sum(s.texts["validation"]["n_chars"])
+    assert s.bits_per_char(1.0) == pytest.approx((len(s.validation) - 1) / chars / math.log(2))
+    assert 0.2 < s.floor_bits_per_char < 0.35 and s.floor_se > 0 and s.val_floor_bits_per_char > 0
+    assert data.story_streams(story_tokenizer, n_train=5, n_val=2).test is None
+    with pytest.raises(ValueError, match="split"):
+        data.story_streams(story_tokenizer, n_train=5, n_val=2).bits_per_char(1.0, "test")

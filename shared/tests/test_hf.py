@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from shared.hf import from_hf, save_hf, to_hf
+from shared.hf import from_hf, llama_config, save_hf, to_hf
 from shared.model import GPT, GPTConfig
 
 # Both sides run the same float32 ops in a different order: 1e-5 absolute covers that, a wrong weight does not.
@@ -60,3 +60,19 @@ def test_non_llama_shapes_are_refused():
             to_hf(m)
     with pytest.raises(TypeError):
         to_hf(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope_type='linear'"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(attention_bias=True), "attention_bias=True"),
+    (dict(mlp_bias=True), "mlp_bias=True"),
+])
+def test_from_hf_refuses_what_it_cannot_represent(change, words):
+    from transformers import LlamaForCausalLM
+
+    cfg = llama_config(model().cfg)
+    for key, value in change.items():
+        setattr(cfg, key, value)
+    with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+        from_hf(LlamaForCausalLM(cfg))

@@ -79,3 +79,57 @@ def test_plot_helpers():
         plotting.heatmap(a, torch.eye(3), ["a"], None)
     with pytest.raises(ValueError):
         plotting.loglog_fit(b, [1, 2], [0, 1])
+
+
+def test_tensor_bytes_counts_views_once():
+    x = torch.zeros(10, 4)                                   # 160 bytes
+    assert bench.tensor_bytes(x, x[:3], x.T, x.view(40)) == 160
+    assert bench.tensor_bytes(x[:5]) == 80                   # a slice alone: only what it spans
+    assert bench.tensor_bytes(x[:5], x[5:]) == 160           # two halves: the whole
+    assert bench.tensor_bytes(x[:6], x[4:]) == 160           # overlapping halves: still the whole
+    tied = torch.nn.Linear(4, 10, bias=False)
+    emb = torch.nn.Embedding(10, 4)
+    tied.weight = emb.weight
+    assert bench.tensor_bytes(tied, emb) == 160
+
+
+def test_setup_notebook_threads_and_timer(monkeypatch, capsys):
+    monkeypatch.setenv("LLMP_THREADS", "1")
+    before = torch.get_num_threads()
+    try:
+        timer = shared.setup_notebook(seed=0)
+        assert torch.get_num_threads() == 1 and timer.seconds() >= 0 and "threads" in str(timer)
+        shared.setup_notebook(seed=0, n_threads=2, show=False)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="n_threads"):
+            shared.setup_notebook(seed=0, n_threads=0)
+        monkeypatch.setenv("LLMP_THREADS", "two")
+        with pytest.raises(ValueError, match="LLMP_THREADS"):
+            shared.threads()
+    finally:
+        torch.set_num_threads(before)
+    assert "OMP_WAIT_POLICY: PASSIVE" in capsys.readouterr().out
+
+
+def test_check_verdicts_and_table(capsys):
+    from shared import checks
+
+    checks.reset()
+    assert shared.check("exact ints", [1, 2, 3], torch.tensor([1, 2, 3]))
+    assert shared.check("close floats", torch.tensor([1.0, 2.0]), [1.0, 2.0 + 1e-7], atol=1e-6)
+    assert shared.check("relative", [1000.0], [1000.5], rtol=1e-3)
+    assert shared.check("masked logits", [float("-inf"), 1.0], [float("-inf"), 1.0])
+    assert shared.check("strings", "abc", "abc")
+    assert not shared.check("too far", [1.0], [1.1], atol=1e-3, raise_on_fail=False)
+    with pytest.raises(AssertionError, match="too far again"):
+        shared.check("too far again", [1.0], [1.1], atol=1e-3)
+    with pytest.raises(ValueError, match="shapes differ"):
+        shared.check("shapes", [1, 2], [1, 2, 3])
+    with pytest.raises(AssertionError):
+        shared.check("nan never passes", [float("nan")], [1.0], atol=1.0)
+    out = capsys.readouterr().out
+    assert "exact" in out and "ok" in out and "FAILED" in out
+    table = shared.checks_table()
+    assert [c.passed for c in table] == [True, True, True, True, True, False, False, False]
+    assert table[1].max_abs_diff == pytest.approx(1e-7, rel=1e-3)
+    assert "5 of 8 checks passed" in capsys.readouterr().out

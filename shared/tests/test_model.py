@@ -2,7 +2,9 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+import shared.model as model_mod
 from shared.model import GPT, GPTConfig, alibi_slopes, apply_rope, rope_cos_sin, sinusoidal_table
 
 
@@ -124,12 +126,12 @@ def test_rope_rotation_preserves_norm_and_is_relative():
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
 
     def score(m, n):
-        cm, sm = rope_cos_sin(8, torch.tensor([m]))
-        cn, sn = rope_cos_sin(8, torch.tensor([n]))
+        cm, sm = rope_cos_sin(torch.tensor([m]), 8)
+        cn, sn = rope_cos_sin(torch.tensor([n]), 8)
         return (apply_rope(q, cm, sm) * apply_rope(k, cn, sn)).sum()
 
     torch.testing.assert_close(score(5, 2), score(105, 102), rtol=1e-5, atol=1e-5)
-    c, s = rope_cos_sin(8, torch.tensor([37]))
+    c, s = rope_cos_sin(torch.tensor([37]), 8)
     torch.testing.assert_close(apply_rope(q, c, s).norm(), q.norm())
 
 
@@ -189,3 +191,51 @@ def test_bad_inputs_raise():
         GPTConfig.from_dict({"vocab_size": 5, "colour": "red"})
     with pytest.raises(TypeError):
         GPT({"vocab_size": 5})
+
+
+def test_rope_table_rows_equal_rope_cos_sin():
+    for start, length in ((0, 5), (3, 300), (700, 4)):
+        cos, sin = model_mod.rope_table(start, length, 8, 10000.0, "cpu", torch.float32)
+        ref_cos, ref_sin = rope_cos_sin(torch.arange(start, start + length), 8)
+        torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6)
+
+
+def test_project_is_what_forward_attends_with():
+    m = tiny()
+    attn = m.blocks[0].attn
+    x = torch.randn(2, 6, 32)
+    q, k, v = attn.project(x, start_pos=3)
+    assert q.shape == (2, 4, 6, 8) and k.shape == v.shape == (2, 2, 6, 8)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(attn.o_proj(y.transpose(1, 2).reshape(2, 6, 32)), attn(x, start_pos=3))
+
+
+def test_decode_is_one_loop_with_pluggable_pickers():
+    m = tiny()
+    x = torch.randint(0, 50, (2, 4))
+    seen = []
+
+    def first_token_then_greedy(logits, ids):
+        seen.append(ids.shape[1])
+        return logits.argmax(-1)
+
+    out = model_mod.decode(m, x, 5, first_token_then_greedy)
+    assert seen == [4, 5, 6, 7, 8] and torch.equal(out, m.generate(x, 5, temperature=0))
+    # window: the model never sees more than `window` tokens; cache or not, the same tokens
+    lengths = []
+    hook = m.register_forward_pre_hook(lambda mod, args, kw: lengths.append(args[0].shape[1]), with_kwargs=True)
+    short = model_mod.decode(m, x, 8, model_mod.greedy_next, window=6, use_cache=False)
+    hook.remove()
+    assert max(lengths) == 6
+    assert torch.equal(short, model_mod.decode(m, x, 8, model_mod.greedy_next, window=6))
+    long = model_mod.decode(m, x, 40, model_mod.greedy_next, window=64)     # past block_size 32: allowed for RoPE
+    assert torch.equal(long, model_mod.decode(m, x, 40, model_mod.greedy_next, window=64, use_cache=False))
+    with pytest.raises(ValueError, match="longer than the position table"):
+        model_mod.decode(tiny(pos="learned"), x, 2, model_mod.greedy_next, window=64)
+    with pytest.raises(ValueError, match="window"):
+        model_mod.decode(m, x, 2, model_mod.greedy_next, window=0)
+    with pytest.raises(TypeError, match="use_cache needs a shared GPT"):
+        model_mod.decode(torch.nn.Linear(2, 2), x, 2, model_mod.greedy_next, use_cache=True)
+    with pytest.raises(ValueError, match="idx"):
+        model_mod.decode(m, x[0], 2, model_mod.greedy_next)

@@ -100,7 +100,25 @@ def test_two_processes_at_once_train_once(cache):
 def test_unknown_names_and_bad_recipes():
     with pytest.raises(KeyError, match="unknown zoo model"):
         zoo.load("no-such-model")
-    with pytest.raises(ValueError, match="lacks sections"):
+    with pytest.raises(ValueError, match="missing"):
         zoo.register("bad", {"data": {}})
     with pytest.raises(ValueError):
         zoo.register("a/b", TINY)
+    for section, key in (("model", "n_layers"), ("train", "step"), ("data", "size"), ("tokenizer", "vocab")):
+        bad = json.loads(json.dumps(TINY))
+        bad[section][key] = 1
+        with pytest.raises(ValueError, match=f"unknown {section} keys \\['{key}'\\]"):
+            zoo.register("bad", bad)
+    with pytest.raises(ValueError, match="unknown \\['extra'\\]"):
+        zoo.register("bad", dict(TINY, extra={}))
+
+
+def test_seed_override_changes_the_recipe_and_its_folder(cache, monkeypatch):
+    plain = zoo.entry_dir("tiny-test")
+    monkeypatch.setenv("LLMP_ZOO_SEED", "1")
+    other = zoo.entry_dir("tiny-test")
+    assert other != plain and zoo._recipe("tiny-test")["train"]["seed"] == 1
+    assert zoo.RECIPES["tiny-test"]["train"]["seed"] == 0            # the registered recipe is untouched
+    monkeypatch.setenv("LLMP_ZOO_SEED", "x")
+    with pytest.raises(ValueError, match="LLMP_ZOO_SEED"):
+        zoo.entry_dir("tiny-test")
