@@ -58,7 +58,10 @@ def make_optimizer(model, lr: float, weight_decay: float, betas: tuple[float, fl
                              lr=lr, betas=betas)
 
 
-def _check_train_args(model, steps, lr, batch_size, seq_len) -> int:
+def _check_train_args(model, train_tokens, steps, lr, batch_size, seq_len) -> int:
+    if not (callable(train_tokens) or isinstance(train_tokens, torch.Tensor)):
+        raise TypeError(f"train_tokens must be a 1-D token tensor or a callable generator -> (x, y), "
+                        f"got {type(train_tokens).__name__}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if lr <= 0 or batch_size < 1:
@@ -77,11 +80,16 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = N
           betas: tuple[float, float] = (0.9, 0.95)) -> History:
     """Train in place on random windows of `train_tokens`; returns a History.
 
+    `train_tokens` is a 1-D token stream, or a callable `generator -> (x, y)` that makes each batch itself (a
+    synthetic task: 02's first-token task, 04's one memorised batch); then `batch_size`/`seq_len` only count
+    tokens/s, and the caller's targets may use -100 for positions left out of the loss.
     Deterministic for a given seed and thread count: batches come from a seeded generator, and the model's
     initial weights are whatever the caller built (seed before building it). `seq_len` defaults to the model's
     `cfg.block_size`. Validation (every `eval_every` steps and at the end) uses fixed windows of `val_tokens`.
     """
-    seq_len = _check_train_args(model, steps, lr, batch_size, seq_len)
+    seq_len = _check_train_args(model, train_tokens, steps, lr, batch_size, seq_len)
+    next_batch = train_tokens if callable(train_tokens) else \
+        (lambda gen: random_windows(train_tokens, seq_len, batch_size, gen))
     warmup = max(1, steps // 20) if warmup is None else warmup
     eval_every = eval_every or max(1, steps // 10)
     dev = next(model.parameters()).device
@@ -98,7 +106,7 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = N
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup, min_lr_ratio)
-        x, y = random_windows(train_tokens, seq_len, batch_size, g)
+        x, y = next_batch(g)
         _, loss = model(x.to(dev), y.to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -118,7 +126,7 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = N
         bar.close()
     model.eval()
     hist.step, hist.train_loss = list(range(steps)), torch.stack(losses).tolist()
-    hist.tokens_per_sec = steps * batch_size * seq_len / max(train_time, 1e-9)
+    hist.tokens_per_sec = steps * x.numel() / max(train_time, 1e-9)
     hist.seconds = time.perf_counter() - start
     return hist
 

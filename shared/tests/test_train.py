@@ -54,3 +54,19 @@ def test_bad_arguments():
         train(tiny(), stream, steps=0, progress=False)
     with pytest.raises(ValueError, match="lr"):
         train(tiny(), stream, steps=1, lr=0, progress=False)
+
+
+def test_train_takes_a_batch_callable():
+    m = tiny()
+    x = torch.randint(0, 40, (4, 8), generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def one_batch(gen):                                   # the same batch every step: must be memorised
+        calls.append(gen)
+        return x, torch.roll(x, -1, 1)
+
+    h = train(m, one_batch, steps=60, lr=1e-2, progress=False)
+    assert len(calls) == 60 and isinstance(calls[0], torch.Generator)
+    assert h.train_loss[-1] < 0.5 * h.train_loss[0] and h.tokens_per_sec > 0
+    with pytest.raises(TypeError, match="train_tokens"):
+        train(m, [1, 2, 3], steps=1, progress=False)
