@@ -1,0 +1,436 @@
+"""Grouped-query attention from scratch: MHA -> GQA -> MQA, checkpoint conversion, and a latent (MLA) cache.
+
+H query heads share K key/value heads in groups of G = H // K (K = H: multi-head, K = 1: multi-query). The cache
+keeps only the K key/value heads, so its bytes per token fall by G. Two ways to compute the same thing:
+
+* `attend_repeat`: copy each key/value head G times (`repeat_kv`, what HF Llama does) and run plain MHA;
+* `attend_grouped`: view the queries as (B, K, G, T, D) and contract with the un-repeated keys in one einsum:
+  the repeat is never materialised, and a decode step reads each cached head once.
+
+`GroupedAttention` plugs into `shared.model.GPT(cfg, attn_factory=...)` (same parameter names as shared's
+`Attention`, so checkpoints load both ways) and keeps its cache in preallocated buffers that grow by doubling.
+`LatentAttention` caches one low-rank latent per token (DeepSeek-V2's multi-head latent attention, simplified:
+see its docstring). `convert_to_gqa` mean-pools a trained checkpoint's key/value heads (Ainslie et al. 2023).
+
+Shapes: B batch, T new tokens, S keys (cached + new), C = d_model, H query heads, K key/value heads,
+G = H // K queries per key/value head, D head_dim, R latent rank.
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import itertools
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from shared.model import GPT, GPTConfig, apply_rope, rope_table
+
+KERNELS = ("grouped", "repeat", "sdpa")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The attention core: three ways, one result
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Validate (B, H, T, D) queries against (B, K, S, D) keys/values; return G = H // K."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, heads, tokens, head_dim), got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (B, H, T, D), (Bk, K, S, Dk) = q.shape, k.shape
+    if B != Bk or D != Dk:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and head_dim")
+    if K == 0 or H % K:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({K})")
+    if T > S:
+        raise ValueError(f"more queries ({T}) than keys ({S}): the newest T keys must include the queries' own")
+    return H // K
+
+
+def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
+    """(T, S) bool, True = may attend: query i sits at absolute position S - T + i and sees keys 0..S - T + i."""
+    q_pos = torch.arange(S - T, S, device=device)[:, None]
+    return torch.arange(S, device=device)[None, :] <= q_pos
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, K, S, D) -> (B, K * n_rep, S, D): head j is copied to heads j*n_rep .. j*n_rep + n_rep - 1 (HF's order)."""
+    if n_rep == 1:
+        return x
+    B, K, S, D = x.shape
+    return x[:, :, None].expand(B, K, n_rep, S, D).reshape(B, K * n_rep, S, D)   # a real copy: G x the bytes
+
+
+def attend_repeat(q, k, v, causal: bool = True) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v with every key/value head repeated G times: (B,H,T,D), (B,K,S,D) x2 -> (B,H,T,D)."""
+    G = _check_qkv(q, k, v)
+    k, v = repeat_kv(k, G), repeat_kv(v, G)                           # (B, H, S, D): materialised
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])          # (B, H, T, S)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def attend_grouped(q, k, v, causal: bool = True) -> torch.Tensor:
+    """The same result without repeating: queries viewed as (B, K, G, T, D), one einsum per product.
+
+    einsum folds (G, T) into the rows of a batched matmul over (B, K): each key/value head is read once
+    for all G queries of its group, which is what makes a decode step's memory traffic fall with K.
+    """
+    G = _check_qkv(q, k, v)
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    qg = q.view(B, K, G, T, D)                                          # a view, no copy
+    scores = torch.einsum("bkgtd,bksd->bkgts", qg, k) / math.sqrt(D)    # (B, K, G, T, S)
+    if causal:
+        scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+    out = torch.einsum("bkgts,bksd->bkgtd", scores.softmax(dim=-1), v)  # (B, K, G, T, D)
+    return out.reshape(B, H, T, D)
+
+
+def attend_sdpa(q, k, v, causal: bool = True) -> torch.Tensor:
+    """PyTorch's fused kernel with `enable_gqa=True` (the reference)."""
+    G = _check_qkv(q, k, v)
+    T, S = q.shape[2], k.shape[2]
+    mask = causal_mask(T, S, q.device) if causal and T > 1 else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
+
+
+_ATTEND = {"grouped": attend_grouped, "repeat": attend_repeat, "sdpa": attend_sdpa}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A cache that grows by doubling (no torch.cat copy of the whole past at every step)
+def _append(cache: dict, names: Sequence[str], new: Sequence[torch.Tensor], start_pos: int) -> list[torch.Tensor]:
+    """Write `new` tensors (B, ..., T, last) at time positions [length, length + T) of buffers `cache[name]`.
+
+    Time is axis -2. Buffers are `torch.empty` with room to spare, doubled when full (old contents copied):
+    amortised O(1) per token. Returns views of everything stored so far. `cache["length"]` counts tokens.
+    """
+    length = cache.get("length", 0)
+    if start_pos != length:
+        raise ValueError(f"start_pos ({start_pos}) must equal the number of cached tokens ({length}): "
+                         "RoPE positions and cache slots would disagree")
+    T = new[0].shape[-2]
+    end = length + T
+    for name, x in zip(names, new):
+        buf = cache.get(name)
+        if buf is None or buf.shape[-2] < end:
+            capacity = max(16, 1 << (end - 1).bit_length())
+            grown = x.new_empty(*x.shape[:-2], capacity, x.shape[-1])
+            if buf is not None:
+                grown[..., :length, :] = buf[..., :length, :]
+            cache[name] = buf = grown
+        buf[..., length:end, :] = x
+    cache["length"] = end
+    return [cache[name][..., :end, :] for name in names]
+
+
+def cache_bytes(caches: Sequence[dict], allocated: bool = False) -> int:
+    """Bytes of the cached tensors in a list of per-layer cache dicts: the filled part, or the whole buffers."""
+    total = 0
+    for cache in caches:
+        for t in cache.values():
+            if isinstance(t, torch.Tensor):
+                n = t.numel() if allocated else t.numel() // t.shape[-2] * cache["length"]
+                total += n * t.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules that plug into shared.model.GPT
+class GroupedAttention(nn.Module):
+    """Causal grouped-query attention written out: x (B, T, C) -> (B, T, C), RoPE on q and k.
+
+    `kernel`: "grouped" (einsum, no repeat), "repeat" (copy K/V heads G times) or "sdpa" (PyTorch, enable_gqa).
+    Parameter names equal shared's `Attention` (q_proj, k_proj, v_proj, o_proj) so state dicts are interchangeable.
+    `cache`: a per-layer dict; the module keeps preallocated buffers "k", "v" (B, K, capacity, D) and "length".
+    """
+
+    def __init__(self, cfg: GPTConfig, layer_idx: int = 0, kernel: str = "grouped"):
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if cfg.pos not in ("rope", "none"):
+            raise ValueError(f"GroupedAttention supports pos='rope' or 'none', got {cfg.pos!r}")
+        self.cfg, self.layer_idx, self.kernel = cfg, layer_idx, kernel
+        H, K, D, C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model
+        self.q_proj = nn.Linear(C, H * D, bias=False)
+        self.k_proj = nn.Linear(C, K * D, bias=False)
+        self.v_proj = nn.Linear(C, K * D, bias=False)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: dict | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, C = x.shape
+        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)              # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)              # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)              # (B, K, T, D)
+        if cfg.pos == "rope":
+            cos, sin = rope_table(start_pos, T, D, cfg.rope_theta, x.device, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = _append(cache, ("k", "v"), (k, v), start_pos)        # (B, K, S, D): past + new
+        y = _ATTEND[self.kernel](q, k, v, causal=cfg.causal)              # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def fill_cache(self, cache: dict, batch_size: int, length: int, generator: torch.Generator | None = None):
+        """Put `length` random tokens' keys/values in `cache` (for timing a decode step at a long context)."""
+        K, D = self.cfg.n_kv_head, self.cfg.head_dim
+        dtype = self.q_proj.weight.dtype
+        kv = [torch.randn(batch_size, K, length, D, generator=generator, dtype=dtype) for _ in range(2)]
+        _append(cache, ("k", "v"), kv, 0)
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 style), simplified: x (B, T, C) -> (B, T, C).
+
+    The cache holds one latent c = x W_down of R numbers per token (not 2 K D keys/values). Every step
+    reconstructs all H heads' keys k = c W_k_up and values v = c W_v_up from it, rotates the keys by RoPE at
+    their positions, and runs plain multi-head attention.
+    Simplification: DeepSeek-V2 cannot rotate reconstructed keys because it folds W_k_up into the query at
+    inference (so keys are never rebuilt); it therefore caches a separate small RoPE key (64 dims, shared by
+    the heads, "decoupled RoPE") beside the latent. We rebuild the keys instead, which makes RoPE on them exact
+    and the cache exactly R numbers per token, at the price of R x H x D x 2 multiply-adds per cached token per step.
+    """
+
+    def __init__(self, cfg: GPTConfig, layer_idx: int = 0, rank: int = 32):
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if cfg.pos not in ("rope", "none"):
+            raise ValueError(f"LatentAttention supports pos='rope' or 'none', got {cfg.pos!r}")
+        self.cfg, self.layer_idx, self.rank = cfg, layer_idx, rank
+        H, D, C = cfg.n_head, cfg.head_dim, cfg.d_model
+        self.q_proj = nn.Linear(C, H * D, bias=False)
+        self.kv_down = nn.Linear(C, rank, bias=False)     # x -> latent c (the only thing cached)
+        self.k_up = nn.Linear(rank, H * D, bias=False)    # c -> keys of all heads
+        self.v_up = nn.Linear(rank, H * D, bias=False)    # c -> values of all heads
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: dict | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, C = x.shape
+        H, D = cfg.n_head, cfg.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)              # (B, H, T, D)
+        c = self.kv_down(x)                                               # (B, T, R)
+        if cache is not None:
+            (c,) = _append(cache, ("c",), (c,), start_pos)               # (B, S, R): past + new
+        S = c.shape[1]
+        k = self.k_up(c).view(B, S, H, D).transpose(1, 2)                # (B, H, S, D), rebuilt every step
+        v = self.v_up(c).view(B, S, H, D).transpose(1, 2)
+        if cfg.pos == "rope":
+            cos, sin = rope_table(0, S, D, cfg.rope_theta, x.device, q.dtype)
+            q, k = apply_rope(q, cos[S - T:], sin[S - T:]), apply_rope(k, cos, sin)
+        y = attend_sdpa(q, k, v, causal=cfg.causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def fill_cache(self, cache: dict, batch_size: int, length: int, generator: torch.Generator | None = None):
+        """Put `length` random tokens' latents in `cache` (for timing a decode step at a long context)."""
+        c = torch.randn(batch_size, length, self.rank, generator=generator, dtype=self.q_proj.weight.dtype)
+        _append(cache, ("c",), (c,), 0)
+
+
+def grouped_factory(kernel: str = "grouped") -> Callable[[GPTConfig, int], GroupedAttention]:
+    """attn_factory for `GPT(cfg, attn_factory=...)` building `GroupedAttention(cfg, i, kernel)`."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return lambda cfg, layer_idx: GroupedAttention(cfg, layer_idx, kernel)
+
+
+def latent_factory(rank: int) -> Callable[[GPTConfig, int], LatentAttention]:
+    """attn_factory building `LatentAttention(cfg, i, rank)`."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    return lambda cfg, layer_idx: LatentAttention(cfg, layer_idx, rank)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cache size formulas
+def kv_bytes_per_token(n_layer: int, n_kv_head: int, head_dim: int, bytes_per_value: int = 4) -> int:
+    """2 (k and v) x layers x kv heads x head_dim x bytes: the GQA cache's bytes per token (per sequence)."""
+    for name, value in (("n_layer", n_layer), ("n_kv_head", n_kv_head), ("head_dim", head_dim),
+                        ("bytes_per_value", bytes_per_value)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return 2 * n_layer * n_kv_head * head_dim * bytes_per_value
+
+
+def latent_bytes_per_token(n_layer: int, rank: int, rope_dim: int = 0, bytes_per_value: int = 4) -> int:
+    """layers x (latent rank + decoupled RoPE key dims) x bytes: an MLA cache's bytes per token."""
+    for name, value in (("n_layer", n_layer), ("rank", rank), ("bytes_per_value", bytes_per_value)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(rope_dim, bool) or not isinstance(rope_dim, int) or rope_dim < 0:
+        raise ValueError(f"rope_dim must be an int >= 0, got {rope_dim!r}")
+    return n_layer * (rank + rope_dim) * bytes_per_value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MHA -> GQA -> MQA conversion of a trained checkpoint
+def contiguous_groups(n_head: int, n_kv_head: int) -> list[list[int]]:
+    """Heads 0..G-1 form group 0, G..2G-1 group 1, ...: the grouping GQA uses by default."""
+    if n_kv_head < 1 or n_head % n_kv_head:
+        raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+    G = n_head // n_kv_head
+    return [list(range(g * G, (g + 1) * G)) for g in range(n_kv_head)]
+
+
+def random_groups(n_head: int, n_kv_head: int, seed: int) -> list[list[int]]:
+    """A uniformly random partition of the heads into n_kv_head groups of equal size."""
+    heads = list(range(n_head))
+    random.Random(seed).shuffle(heads)
+    G = n_head // n_kv_head
+    return sorted(sorted(heads[g * G:(g + 1) * G]) for g in range(n_kv_head))
+
+
+def _check_groups(groups, n_head: int) -> list[list[int]]:
+    groups = [list(map(int, g)) for g in groups]
+    sizes = {len(g) for g in groups}
+    if len(sizes) != 1 or sorted(h for g in groups for h in g) != list(range(n_head)):
+        raise ValueError(f"groups must split heads 0..{n_head - 1} into equal-size groups, got {groups}")
+    return groups
+
+
+def convert_to_gqa(model: GPT, n_kv_head: int, groups=None, pool: str = "mean") -> GPT:
+    """A new shared GPT with `n_kv_head` key/value heads from a multi-head checkpoint (Ainslie et al. 2023).
+
+    Each group's key (and value) projection is the mean of its heads' projections (`pool="mean"`) or the first
+    head's (`pool="first"`). `groups`: one partition of the heads for all layers, or a list with one per layer
+    (default contiguous); the query heads (rows of q_proj, columns of o_proj) are reordered so that each group's
+    queries are adjacent, as GQA's head h -> kv head h // G mapping requires: a reordering that changes nothing.
+    """
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a shared.model.GPT, got {type(model).__name__}")
+    cfg = model.cfg
+    H, D = cfg.n_head, cfg.head_dim
+    if cfg.n_kv_head != H:
+        raise ValueError(f"converting needs a multi-head checkpoint (n_kv_head == n_head == {H}), "
+                         f"got n_kv_head={cfg.n_kv_head}")
+    if isinstance(n_kv_head, bool) or not isinstance(n_kv_head, int) or n_kv_head < 1 or H % n_kv_head:
+        raise ValueError(f"n_kv_head must be a positive divisor of n_head={H}, got {n_kv_head!r}")
+    if pool not in ("mean", "first"):
+        raise ValueError(f"pool must be 'mean' or 'first', got {pool!r}")
+    if groups is None:
+        groups = contiguous_groups(H, n_kv_head)
+    per_layer = groups if groups and isinstance(groups[0][0], (list, tuple)) else [groups] * cfg.n_layer
+    if len(per_layer) != cfg.n_layer:
+        raise ValueError(f"need one grouping per layer ({cfg.n_layer}), got {len(per_layer)}")
+    new = GPT(GPTConfig(**{**cfg.to_dict(), "n_kv_head": n_kv_head}))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, layer_groups in enumerate(per_layer):
+        layer_groups = _check_groups(layer_groups, H)
+        if len(layer_groups) != n_kv_head:
+            raise ValueError(f"layer {i}: need {n_kv_head} groups, got {len(layer_groups)}")
+        order = [h for g in layer_groups for h in g]                      # new query head j = old head order[j]
+        p = f"blocks.{i}.attn."
+        wq = state[p + "q_proj.weight"].view(H, D, -1)                    # (H, D, C)
+        state[p + "q_proj.weight"] = wq[order].reshape(H * D, -1)
+        wo = state[p + "o_proj.weight"].view(cfg.d_model, H, D)           # (C, H, D)
+        state[p + "o_proj.weight"] = wo[:, order].reshape(cfg.d_model, H * D)
+        for name in ("k_proj", "v_proj"):
+            w = state[p + name + ".weight"].view(H, D, -1)                # (H, D, C)
+            pooled = [w[g].mean(0) if pool == "mean" else w[g[0]] for g in layer_groups]
+            state[p + name + ".weight"] = torch.cat(pooled, 0)            # (K * D, C)
+    new.load_state_dict(state)
+    return new.eval()
+
+
+@torch.no_grad()
+def head_distances(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """(n_layer, H, H): mean over tokens of ||k_h - k_h'||^2 + ||v_h - v_h'||^2 for every pair of heads.
+
+    Keys are taken before RoPE (RoPE rotates every head alike at a position, so distances are unchanged).
+    What mean-pooling a group loses is sum_group (1 / 2G) sum_{h, h' in group} distance(h, h').
+    """
+    cfg = model.cfg
+    H, D = cfg.n_head, cfg.head_dim
+    inputs = {}
+    hooks = [b.attn.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+             for i, b in enumerate(model.blocks)]
+    try:
+        model.eval()(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for i, block in enumerate(model.blocks):
+        x = inputs[i].reshape(-1, cfg.d_model)                              # (N, C)
+        kv = torch.cat([block.attn.k_proj(x).view(-1, H, D), block.attn.v_proj(x).view(-1, H, D)], -1)  # (N, H, 2D)
+        out.append(((kv[:, :, None] - kv[:, None]) ** 2).sum(-1).mean(0))                  # (H, H)
+    return torch.stack(out)
+
+
+def equal_partitions(n: int, group_size: int):
+    """Every way to split 0..n-1 into groups of `group_size` (unordered): 105 for n=8 in pairs, 35 in fours."""
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"n ({n}) must be a multiple of group_size ({group_size})")
+
+    def rec(rest):
+        if not rest:
+            yield []
+            return
+        first = rest[0]
+        for others in itertools.combinations(rest[1:], group_size - 1):
+            group = [first, *others]
+            remaining = [h for h in rest if h not in group]
+            for tail in rec(remaining):
+                yield [group, *tail]
+
+    yield from rec(list(range(n)))
+
+
+def grouping_cost(distances: torch.Tensor, groups) -> float:
+    """Mean-pooling loss of one grouping for one layer's (H, H) distances: sum_g (1/2G) sum_{h,h' in g} d."""
+    return float(sum(distances[g][:, g].sum() / (2 * len(g)) for g in groups))
+
+
+def similarity_groups(distances: torch.Tensor, n_kv_head: int, worst: bool = False) -> list[list[list[int]]]:
+    """Per layer, the partition into n_kv_head equal groups with the least (or, `worst`, the most) pooling loss.
+
+    Exhaustive search (fine for <= 12 heads). distances: (n_layer, H, H) from `head_distances`.
+    """
+    n_layer, H, _ = distances.shape
+    if H > 12:
+        raise ValueError(f"exhaustive search is for <= 12 heads, got {H}")
+    parts = list(equal_partitions(H, H // n_kv_head))
+    pick = max if worst else min
+    return [pick(parts, key=lambda p: grouping_cost(distances[i], p)) for i in range(n_layer)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory as the operating system sees it
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc/self/statm; not the peak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def large_allocations_from_os(threshold_bytes: int = 256 * 1024) -> bool:
+    """Ask glibc to serve every allocation above `threshold_bytes` with its own fresh mmap and unmap it on free.
+
+    By default glibc raises this threshold as a program frees big blocks and then recycles already-resident
+    heap memory, so RSS stops tracking live tensors. With a fixed threshold, a big tensor's pages become
+    resident only when written and go back to the OS when freed. Returns False where this is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except (OSError, AttributeError):
+        return False
+
+
+def copy_model(model: GPT, attn_factory=None) -> GPT:
+    """The same weights in a GPT built with another attention module (state-dict keys must match)."""
+    new = GPT(copy.deepcopy(model.cfg), attn_factory=attn_factory)
+    new.load_state_dict(model.state_dict())
+    return new.eval()
