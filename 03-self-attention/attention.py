@@ -1,9 +1,11 @@
 """Self-attention from scratch: scaled dot-product attention, causal masks, multi-head attention,
 and the measurements the notebook uses to look inside attention (entropy, head scores, leaks, saturation).
 
-Shapes: B batch, H heads, T (Tq, Tk) sequence lengths, C = d_model, D = d_head = C // H.
-Mask convention (same as `torch.nn.functional.scaled_dot_product_attention`): a boolean mask is True where a
-query MAY attend to a key; a float mask is ADDED to the scores (use -inf to forbid a pair).
+Shapes (the legend of `shared/model.py`): B batch, H heads, T (Tq, Tk) sequence lengths, C = d_model,
+D = head_dim = C // H, L layers.
+Mask convention (the repo's, and `torch.nn.functional.scaled_dot_product_attention`'s): a boolean mask means
+"may attend": True where this query sees this key, False where it is forbidden. A float mask is ADDED to the
+scores (use -inf to forbid a pair). Beware `nn.MultiheadAttention`, whose boolean `attn_mask` is the opposite.
 """
 from __future__ import annotations
 
@@ -16,41 +18,90 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------------------
-# argument checks (clear messages: which argument, what was given, what is expected)
+# argument checks, gathered: TypeError for a wrong type, ValueError for a wrong value; the message names the
+# argument, what was given and what is allowed.
 
-def _check_tensor(name: str, x, min_dim: int = 1, floating: bool = True) -> None:
+def _tensor(name: str, x, min_dim: int = 1, kind: str = "float") -> None:
+    """x must be a tensor of `kind` ('float', 'int' or 'bool') with at least `min_dim` dims."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if floating and not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    ok = {"float": x.is_floating_point(), "bool": x.dtype == torch.bool,
+          "int": not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool}[kind]
+    if not ok:
+        raise TypeError(f"{name} must have a {'floating' if kind == 'float' else kind} dtype, got {x.dtype}")
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
 
 
-def _check_positive_int(name: str, value) -> None:
+def _positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
+def _check_qkv(q, k, v, mask, is_causal) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, x, min_dim=2)
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share the last dim (d_head), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(f"q, k, v must have equal leading dims, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must have the same number of keys Tk, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and mask is not None:
+        raise ValueError("pass either mask or is_causal=True, not both")
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"mask must be bool (True = may attend) or floating (additive), got {mask.dtype}")
+    scores_shape = (*q.shape[:-1], k.shape[-2])
+    try:
+        ok = mask.dim() >= 2 and torch.broadcast_shapes(mask.shape, scores_shape) == scores_shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape "
+                         f"{scores_shape} (expected (..., Tq={q.shape[-2]}, Tk={k.shape[-2]}), size-1 dims allowed)")
+
+
+def _check_scale(scale) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0 (or None for 1/sqrt(D)), got {scale!r}")
+
+
+def _check_ids(name: str, ids, batch_shape=None) -> None:
+    _tensor(name, ids, min_dim=1, kind="int")
+    if batch_shape is not None and tuple(ids.shape) != tuple(batch_shape):
+        raise ValueError(f"{name} must have shape {tuple(batch_shape)}, got {tuple(ids.shape)}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # masks and the core attention function
 
 def causal_mask(t_q: int, t_k: int | None = None, device=None) -> torch.Tensor:
-    """Boolean causal mask (Tq, Tk): True where key j <= query i (top-left aligned, like SDPA's is_causal).
+    """Boolean "may attend" mask (Tq, Tk): True where key j <= query i (top-left aligned, like SDPA's is_causal).
 
     >>> causal_mask(3).int().tolist()
     [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     """
     t_k = t_q if t_k is None else t_k
-    _check_positive_int("t_q", t_q)
-    _check_positive_int("t_k", t_k)
+    _positive_int("t_q", t_q)
+    _positive_int("t_k", t_k)
     return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril()
 
 
 def _mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool mask (True = keep) -> float mask of 0 / -inf; a float mask is returned as is."""
+    """Bool mask (True = may attend) -> float mask of 0 / -inf; a float mask is returned as is."""
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
     return mask.to(dtype)
@@ -61,13 +112,12 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = Non
 
     scale=None means 1/sqrt(D), the usual choice; scale=1.0 switches the scaling off (the notebook's Break).
     """
-    _check_tensor("q", q, min_dim=2)
-    _check_tensor("k", k, min_dim=2)
+    for name, x in (("q", q), ("k", k)):
+        _tensor(name, x, min_dim=2)
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must share the last dim (d_head), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    _check_scale(scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     return (q @ k.transpose(-2, -1)) * scale
 
 
@@ -77,40 +127,18 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """softmax(q k^T * scale + mask) v, written out so the weights can be looked at.
 
     q (..., Tq, D), k (..., Tk, D), v (..., Tk, Dv) with equal leading dims (e.g. (B, H)).
-    mask: bool (True = may attend) or float (added to the scores), broadcastable to (..., Tq, Tk).
-    is_causal: apply `causal_mask(Tq, Tk)`; cannot be combined with `mask` (as in SDPA).
+    mask: bool "may attend" (True = this query sees this key) or float (added to the scores), broadcastable to
+    (..., Tq, Tk). is_causal: use `causal_mask(Tq, Tk)`; cannot be combined with `mask` (as in SDPA).
     Returns (out (..., Tq, Dv), weights (..., Tq, Tk)); each row of weights sums to 1 and forbidden pairs
-    get exactly 0. Raises ValueError when a query row has no key it may attend to (SDPA would silently
-    return zeros there).
+    get exactly 0. Raises ValueError when a query row may attend to no key (SDPA would silently return zeros).
     """
-    _check_tensor("v", v, min_dim=2)
+    _check_qkv(q, k, v, mask, is_causal)
     scores = attention_scores(q, k, scale)                              # (..., Tq, Tk)
-    if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
-        raise ValueError(f"q, k, v must have equal leading dims, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v must have the same number of keys Tk, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if is_causal and mask is not None:
-        raise ValueError("pass either mask or is_causal=True, not both")
-    t_q, t_k = scores.shape[-2:]
     if is_causal:
-        mask = causal_mask(t_q, t_k, device=q.device)
+        mask = causal_mask(*scores.shape[-2:], device=q.device)
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"mask must be bool (True = attend) or floating (additive), got {mask.dtype}")
-        try:
-            ok = mask.dim() >= 2 and torch.broadcast_shapes(mask.shape, scores.shape) == scores.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape "
-                             f"{tuple(scores.shape)} (expected (..., Tq={t_q}, Tk={t_k}), size-1 dims allowed)")
-        scores = scores + _mask_to_additive(mask, scores.dtype)
-        if torch.isneginf(scores).all(dim=-1).any():
+        scores = scores + _mask_to_additive(mask, scores.dtype)          # forbidden pairs: -inf
+        if torch.isneginf(scores).all(dim=-1).any():                     # the check that teaches: an empty row
             raise ValueError("mask forbids every key for at least one query row: nothing to attend to")
     weights = torch.softmax(scores, dim=-1)                             # (..., Tq, Tk), exp(-inf) = 0 exactly
     return weights @ v, weights                                         # (..., Tq, Dv), (..., Tq, Tk)
@@ -123,14 +151,15 @@ class MultiHeadAttention(nn.Module):
     """Multi-head self-attention: project, split into heads, attend, merge heads, project out.
 
     x (B, T, C) -> q, k, v (B, H, T, D) -> attention per head -> (B, T, C) -> o_proj -> (B, T, C).
-    `forward` returns (out (B, T, C), weights (B, H, T, T)). `fast=True` uses torch's fused SDPA and returns
-    weights=None (same numbers to float tolerance, no (T, T) matrix kept).
+    `forward(x, mask=None, is_causal=False, fast=False)` returns (out (B, T, C), weights (B, H, T, T)); `mask` is
+    bool "may attend" (True = this query sees this key) or additive float. `fast=True` uses torch's fused SDPA
+    and returns weights=None (same numbers to float tolerance, no (T, T) matrix kept).
     """
 
     def __init__(self, d_model: int, n_head: int, bias: bool = True):
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("n_head", n_head)
+        _positive_int("d_model", d_model)
+        _positive_int("n_head", n_head)
         if d_model % n_head != 0:
             raise ValueError(f"d_model must be divisible by n_head, got d_model={d_model}, n_head={n_head}")
         self.d_model, self.n_head, self.d_head = d_model, n_head, d_model // n_head
@@ -151,17 +180,15 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
                 fast: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        _check_tensor("x", x, min_dim=3)
+        _tensor("x", x, min_dim=3)
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, d_model={self.d_model}), got {tuple(x.shape)}")
         q, k, v = (self.split_heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, D)
-        if fast:   # fused kernel, no weights kept; torch checks the mask itself
-            if is_causal and mask is not None:
-                raise ValueError("pass either mask or is_causal=True, not both")
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-            weights = None
-        else:
+        if not fast:
             y, weights = scaled_dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        else:      # fused kernel, no weights kept
+            _check_qkv(q, k, v, mask, is_causal)
+            y, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal), None
         return self.o_proj(self.merge_heads(y)), weights
 
     @classmethod
@@ -173,15 +200,57 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("mha must use the same embed dim for q, k and v (kdim = vdim = embed_dim)")
         bias = mha.in_proj_bias is not None
         ours = cls(mha.embed_dim, mha.num_heads, bias=bias)
+        projs = (ours.q_proj, ours.k_proj, ours.v_proj)
         with torch.no_grad():
-            for proj, w in zip((ours.q_proj, ours.k_proj, ours.v_proj), mha.in_proj_weight.chunk(3, dim=0)):
+            for proj, w in zip(projs, mha.in_proj_weight.chunk(3, dim=0)):
                 proj.weight.copy_(w)
             ours.o_proj.weight.copy_(mha.out_proj.weight)
             if bias:
-                for proj, b in zip((ours.q_proj, ours.k_proj, ours.v_proj), mha.in_proj_bias.chunk(3)):
+                for proj, b in zip(projs, mha.in_proj_bias.chunk(3)):
                     proj.bias.copy_(b)
                 ours.o_proj.bias.copy_(mha.out_proj.bias)
         return ours
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a trained model's attention, recomputed with our function
+
+def model_attention(model, idx: torch.Tensor, query_pos: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Every layer's attention weights of a `shared.model.GPT`, recomputed with `scaled_dot_product_attention`.
+
+    One forward pass records each layer's attention input; `block.attn.project(x, start_pos=0)` (shared's one
+    q/k/v projection, RoPE applied) gives q (B, H, T, D) and k (B, K, T, D); the K key heads are repeated for the
+    H query heads (grouped-query attention). idx (B, T) long. Returns a list over layers of
+    (B, H, T, T) weights, or with `query_pos` (B,) long of one query row per batch item (B, H, T): that query's
+    weights, computed with a bool "may attend" mask (True for keys j <= query_pos[b]).
+    """
+    _check_ids("idx", idx)
+    if idx.dim() != 2:
+        raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
+    if query_pos is not None:
+        _check_ids("query_pos", query_pos, batch_shape=idx.shape[:1])
+        if query_pos.min() < 0 or query_pos.max() >= idx.shape[1]:
+            raise ValueError(f"query_pos must lie in [0, T={idx.shape[1]}), got {query_pos.min()}..{query_pos.max()}")
+    inputs = []
+    hooks = [b.attn.register_forward_hook(lambda mod, args, out: inputs.append(args[0])) for b in model.blocks]
+    try:
+        with torch.no_grad():
+            model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    maps, rows = [], torch.arange(idx.shape[0])
+    for block, x in zip(model.blocks, inputs):
+        with torch.no_grad():
+            q, k, _ = block.attn.project(x, start_pos=0)                     # (B, H, T, D), (B, K, T, D)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)             # (B, H, T, D)
+        if query_pos is None:
+            maps.append(scaled_dot_product_attention(q, k, k, is_causal=True)[1])          # (B, H, T, T)
+        else:
+            may_attend = torch.arange(idx.shape[1]) <= query_pos[:, None]                   # (B, T)
+            q_rows = q[rows, :, query_pos][:, :, None]                                      # (B, H, 1, D)
+            maps.append(scaled_dot_product_attention(q_rows, k, k, mask=may_attend[:, None, None])[1][:, :, 0])
+    return maps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,14 +261,25 @@ def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
 
     A row that puts all weight on one key has entropy 0; a uniform row over n keys has log(n).
     """
-    _check_tensor("weights", weights, min_dim=2)
+    _tensor("weights", weights, min_dim=2)
     return -torch.special.xlogy(weights, weights).sum(dim=-1)
+
+
+def offset_targets(t: int, offset: int = 1) -> torch.Tensor:
+    """Bool (T, T): True at (i, i - offset). offset=1: the key a 'previous-token head' reads; offset=0 (the
+    token itself) and offset=2 are its neighbours, the control for a previous-token claim; offset=-1 is the
+    next token (what a model without the causal mask can read)."""
+    _positive_int("t", t)
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    if abs(offset) >= t:
+        return torch.zeros(t, t, dtype=torch.bool)
+    return torch.diag(torch.ones(t - abs(offset)), -offset).bool()
 
 
 def previous_token_targets(t: int) -> torch.Tensor:
     """Bool (T, T): True at (i, i-1), the key a 'previous-token head' should attend to."""
-    _check_positive_int("t", t)
-    return torch.ones(t, t, dtype=torch.bool).tril(-1) & ~torch.ones(t, t, dtype=torch.bool).tril(-2)
+    return offset_targets(t, 1)
 
 
 def earlier_copy_targets(tokens: torch.Tensor, query_ok: torch.Tensor | None = None,
@@ -207,27 +287,22 @@ def earlier_copy_targets(tokens: torch.Tensor, query_ok: torch.Tensor | None = N
     """Bool (B, T, T): True at (i, j) when key j is an earlier copy of the token at position i + shift.
 
     shift=0: j < i and tokens[j] == tokens[i] (a 'duplicate-token head' looks there).
-    shift=1: j <= i and tokens[j] == tokens[i + 1], i.e. an earlier copy of the token about to be predicted
-    (a 'copy' or recall head looks there: to say "red kite" again, look at the earlier "red").
-    tokens (B, T) long. query_ok (B, T) bool optionally restricts which queries count (e.g. recall positions).
+    shift=1: j <= i and tokens[j] == tokens[i + 1], i.e. an earlier copy of the token about to be predicted.
+    tokens (B, T) long. query_ok (B, T) bool optionally restricts which queries count.
     """
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
-        raise ValueError(f"tokens must be an integer tensor of shape (B, T), got "
-                         f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+    _check_ids("tokens", tokens)
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must have shape (B, T), got {tuple(tokens.shape)}")
     if shift not in (0, 1):
         raise ValueError(f"shift must be 0 (same token) or 1 (next token), got {shift!r}")
-    b, t = tokens.shape
-    wanted = tokens if shift == 0 else torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1)
-    same = wanted[:, :, None] == tokens[:, None, :]                      # (B, Tq, Tk)
-    visible = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril(-1 if shift == 0 else 0)
-    targets = same & visible
     if query_ok is not None:
-        if not isinstance(query_ok, torch.Tensor) or query_ok.shape != tokens.shape or query_ok.dtype != torch.bool:
-            raise ValueError(f"query_ok must be bool of shape {tuple(tokens.shape)}, got "
-                             f"{getattr(query_ok, 'dtype', type(query_ok).__name__)} "
-                             f"{tuple(getattr(query_ok, 'shape', ()))}")
-        targets = targets & query_ok[:, :, None]
-    return targets
+        _tensor("query_ok", query_ok, kind="bool")
+        if query_ok.shape != tokens.shape:
+            raise ValueError(f"query_ok must have shape {tuple(tokens.shape)}, got {tuple(query_ok.shape)}")
+    t = tokens.shape[1]
+    wanted = tokens if shift == 0 else torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1)
+    targets = (wanted[:, :, None] == tokens[:, None, :]) & torch.ones(t, t, dtype=torch.bool).tril(shift - 1)
+    return targets if query_ok is None else targets & query_ok[:, :, None]
 
 
 def head_score(weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -235,12 +310,10 @@ def head_score(weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
     weights (B, H, T, T) (or (L, B, H, T, T)), targets bool broadcastable to (B, 1, T, T) / (T, T).
     Returns one score per head, shape (H,) (or (L, H)): the mean over (batch, query) rows with at least one
-    target of the summed weight on the targets. 1 = the head does exactly that job; a uniform head scores
-    about (#targets / #visible keys).
+    target of the summed weight on the targets. 1 = the head does exactly that job.
     """
-    _check_tensor("weights", weights, min_dim=4)
-    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.bool:
-        raise TypeError(f"targets must be a bool tensor, got {getattr(targets, 'dtype', type(targets).__name__)}")
+    _tensor("weights", weights, min_dim=4)
+    _tensor("targets", targets, kind="bool")
     if targets.dim() == 3:                                               # (B, T, T) -> (B, 1, T, T)
         targets = targets[:, None]
     on_target = (weights * targets).sum(-1)                             # (..., B, H, Tq)
@@ -251,6 +324,51 @@ def head_score(weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (on_target * has_target).sum(dims) / has_target.sum(dims)
 
 
+def instance_vs_category(rows: torch.Tensor, tokens: torch.Tensor, query_pos: torch.Tensor,
+                         category_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Does a head read the right word, or any word of its category? The control for a 'recall head'.
+
+    rows (..., B, H, T): one attention row per batch item, from the query at query_pos[b] (as returned by
+    `model_attention(..., query_pos=)`, stacked over layers: (L, B, H, T)). tokens (B, T) long; query_pos (B,) long,
+    each < T - 1: the query predicts tokens[b, query_pos[b] + 1], the answer. category_ids: 1-D long, the token
+    ids of the answer's category (e.g. every colour word).
+    Keys j <= query_pos[b] are split into the RIGHT word (earlier copies of the answer) and DISTRACTORS (other
+    words of the category). Returns a dict of (..., B, H) tensors `right` and `distractor` (summed weight),
+    `right_per_word` and `distractor_per_word` (divided by the number of such keys in that row; NaN where a
+    row has none), and (B,) counts `n_right`, `n_distractor`. A head that attends to the category without
+    preferring the instance has right_per_word ~ distractor_per_word; recall needs right_per_word to win.
+    """
+    _tensor("rows", rows, min_dim=3)
+    _check_ids("tokens", tokens)
+    if tokens.dim() != 2 or rows.shape[-3] != tokens.shape[0] or rows.shape[-1] != tokens.shape[1]:
+        raise ValueError(f"rows (..., B, H, T) and tokens (B, T) disagree: {tuple(rows.shape)} vs {tuple(tokens.shape)}")
+    _check_ids("query_pos", query_pos, batch_shape=tokens.shape[:1])
+    _check_ids("category_ids", category_ids)
+    if query_pos.min() < 0 or query_pos.max() >= tokens.shape[1] - 1:
+        raise ValueError(f"query_pos must lie in [0, T-1={tokens.shape[1] - 1}) (the answer follows the query), "
+                         f"got {query_pos.min()}..{query_pos.max()}")
+    b = torch.arange(tokens.shape[0])
+    answer = tokens[b, query_pos + 1]                                              # (B,)
+    visible = torch.arange(tokens.shape[1]) <= query_pos[:, None]                  # (B, T) keys the query sees
+    right = (tokens == answer[:, None]) & visible                                  # (B, T)
+    distractor = torch.isin(tokens, category_ids) & visible & ~right               # (B, T)
+    out = {"n_right": right.sum(-1), "n_distractor": distractor.sum(-1)}
+    for name, keys in (("right", right), ("distractor", distractor)):
+        mass = (rows * keys[:, None, :]).sum(-1)                                   # (..., B, H)
+        out[name] = mass
+        out[f"{name}_per_word"] = mass / out[f"n_{name}"][:, None]                 # 0/0 -> NaN: no such key
+    return out
+
+
+def mean_ci(x: torch.Tensor, dim: int = 0, z: float = 1.96) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over `dim` and the half-width z * SE of its normal-approximation confidence interval (95% for 1.96)."""
+    _tensor("x", x)
+    n = x.shape[dim]
+    if n < 2:
+        raise ValueError(f"need at least 2 samples along dim {dim} for a spread, got {n}")
+    return x.mean(dim), z * x.std(dim) / math.sqrt(n)
+
+
 def leak(fn: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, position: int,
          new_token: int) -> torch.Tensor:
     """How much each position's output moves when the token at `position` is replaced by `new_token`.
@@ -258,11 +376,14 @@ def leak(fn: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, position
     fn maps idx (B, T) -> outputs (B, T, ...) (e.g. logits). Returns (T,) max |change| per position over batch
     and features. A causal model must show exactly 0 before `position`.
     """
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point():
-        raise ValueError(f"idx must be an integer tensor (B, T), got {getattr(idx, 'shape', type(idx).__name__)}")
+    _check_ids("idx", idx)
+    if idx.dim() != 2:
+        raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
     t = idx.shape[1]
-    if not isinstance(position, int) or not 0 <= position < t:
-        raise ValueError(f"position must be an int in [0, {t}), got {position!r}")
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise TypeError(f"position must be an int, got {type(position).__name__}")
+    if not 0 <= position < t:
+        raise ValueError(f"position must be in [0, {t}), got {position}")
     changed = idx.clone()
     changed[:, position] = new_token
     if torch.equal(changed, idx):
@@ -281,6 +402,8 @@ def prefix_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], idx: torch.Te
     idx, targets (B, T) long; logits_fn maps (B, t) -> (B, t, V). Returns mean cross-entropy in nats/token.
     For a causal model it equals the usual one-pass loss; a model that peeks at the future cannot peek here.
     """
+    _check_ids("idx", idx)
+    _check_ids("targets", targets)
     if idx.shape != targets.shape or idx.dim() != 2:
         raise ValueError(f"idx and targets must both be (B, T), got {tuple(idx.shape)} and {tuple(targets.shape)}")
     with torch.no_grad():
@@ -298,14 +421,15 @@ def saturation_sweep(d_heads: Sequence[int], n_keys: int = 64, n_queries: int = 
     input, after any scaling) for a random upstream gradient on the output, sized so that the gradient on the
     weights is N(0, 1) per key at every D (per query row, averaged): a saturated softmax passes almost none back.
     """
-    _check_positive_int("n_keys", n_keys)
-    _check_positive_int("n_queries", n_queries)
+    _positive_int("n_keys", n_keys)
+    _positive_int("n_queries", n_queries)
     if len(d_heads) == 0:
         raise ValueError("d_heads must list at least one head dimension, got an empty sequence")
+    for d in d_heads:
+        _positive_int("d_heads[i]", d)
     gen = torch.Generator().manual_seed(seed)
     out = {"entropy": [], "max_weight": [], "score_grad_norm": []}
     for d in d_heads:
-        _check_positive_int("d_heads[i]", d)
         q, k, v = (torch.randn(n, d, generator=gen) for n in (n_queries, n_keys, n_keys))
         upstream = torch.randn(n_queries, d, generator=gen) / math.sqrt(d)   # so v_j . upstream ~ N(0, 1) for all D
         scores = (q @ k.T / (math.sqrt(d) if scale else 1.0)).requires_grad_(True)    # (Nq, Nk)

@@ -8,8 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import (MultiHeadAttention, attention_entropy, attention_scores, causal_mask,
-                       earlier_copy_targets, head_score, leak, prefix_loss, previous_token_targets,
-                       saturation_sweep, scaled_dot_product_attention)
+                       earlier_copy_targets, head_score, instance_vs_category, leak, mean_ci, model_attention,
+                       offset_targets, prefix_loss, previous_token_targets, saturation_sweep,
+                       scaled_dot_product_attention)
+from shared.model import GPT, GPTConfig
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -137,6 +139,51 @@ def test_previous_token_and_copy_targets():
     assert not nxt[0, 4].any() and not nxt[0, 0].any()                # last query has no next token
 
 
+def test_offset_targets():
+    assert offset_targets(3, 0).int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert offset_targets(3, 2).int().tolist() == [[0, 0, 0], [0, 0, 0], [1, 0, 0]]
+    assert torch.equal(offset_targets(4, -1), previous_token_targets(4).T)      # next token = transpose
+    assert not offset_targets(3, 3).any()
+
+
+def test_model_attention_matches_the_models_own_maps():
+    # reference: GPT.attention_maps (explicit softmax inside shared.model); ours goes through Attention.project
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2, d_model=32)).eval()
+    idx = torch.randint(0, 50, (3, 9))
+    with torch.no_grad():
+        ref = model.attention_maps(idx)
+    ours = model_attention(model, idx)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    qp = torch.tensor([0, 4, 8])
+    rows = model_attention(model, idx, query_pos=qp)                      # one query row per batch item
+    for a, b in zip(rows, ref):
+        torch.testing.assert_close(a, b[torch.arange(3), :, qp], rtol=1e-5, atol=1e-6)
+        assert (a[1, :, 5:] == 0).all()                                   # keys after the query: exactly 0
+
+
+def test_instance_vs_category_separates_recall_from_category_attention():
+    # tokens: category {1, 2, 3}; the query at position 4 predicts token 2 (the right word at key 1);
+    # keys 0 and 3 are distractors of the same category, key 2 is outside it.
+    tokens = torch.tensor([[1, 2, 9, 3, 9, 2]])
+    recall = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0])                # reads the right word only
+    category = torch.tensor([1 / 3, 1 / 3, 0.0, 1 / 3, 0.0, 0.0])        # reads the category, no preference
+    rows = torch.stack([recall, category])[None]                          # (B=1, H=2, T=6)
+    s = instance_vs_category(rows, tokens, torch.tensor([4]), torch.tensor([1, 2, 3]))
+    assert s["n_right"].tolist() == [1] and s["n_distractor"].tolist() == [2]
+    torch.testing.assert_close(s["right"], torch.tensor([[1.0, 1 / 3]]))
+    torch.testing.assert_close(s["distractor"], torch.tensor([[0.0, 2 / 3]]))
+    torch.testing.assert_close(s["right_per_word"], s["distractor_per_word"] + torch.tensor([[1.0, 0.0]]))
+
+
+def test_mean_ci():
+    x = torch.tensor([[1.0, 2.0], [3.0, 2.0]])
+    m, h = mean_ci(x, dim=0)
+    torch.testing.assert_close(m, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(h, torch.tensor([1.96 * math.sqrt(2) / math.sqrt(2), 0.0]))
+
+
 def test_head_score_perfect_and_uniform_heads():
     t = 6
     prev = torch.zeros(1, 2, t, t)
@@ -189,6 +236,8 @@ def test_errors_shapes_and_types():
         attention_scores(torch.randn(4), torch.randn(4))
     with pytest.raises(ValueError, match="scale"):
         attention_scores(q, k, scale=-1.0)
+    with pytest.raises(TypeError, match="scale"):
+        attention_scores(q, k, scale="1")
 
 
 def test_errors_masks():
@@ -235,8 +284,23 @@ def test_errors_analysis_helpers():
         head_score(torch.rand(1, 2, 3, 3), torch.zeros(3, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
         head_score(torch.rand(1, 2, 3, 3), torch.zeros(3, 3))
-    with pytest.raises(ValueError, match="tokens"):
+    with pytest.raises(TypeError, match="tokens"):
         earlier_copy_targets(torch.rand(1, 4))
+    with pytest.raises(ValueError, match="tokens"):
+        earlier_copy_targets(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="position"):
+        leak(lambda i: i[..., None].float(), idx, position=1.0, new_token=0)
+    with pytest.raises(TypeError, match="offset"):
+        offset_targets(3, 1.0)
+    with pytest.raises(ValueError, match="2 samples"):
+        mean_ci(torch.ones(1, 3))
+    rows, toks = torch.rand(2, 1, 4), torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="query_pos"):
+        instance_vs_category(rows, toks, torch.tensor([0, 3]), torch.tensor([1]))
+    with pytest.raises(TypeError, match="category_ids"):
+        instance_vs_category(rows, toks, torch.tensor([0, 1]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="disagree"):
+        instance_vs_category(rows[:1], toks, torch.tensor([0, 1]), torch.tensor([1]))
     with pytest.raises(ValueError, match="shift"):
         earlier_copy_targets(torch.zeros(1, 4, dtype=torch.long), shift=2)
     with pytest.raises(ValueError, match="query_ok"):
