@@ -5,42 +5,83 @@ tokens cannot influence earlier ones). So instead of re-running the whole prefix
 (`generate_naive`), we run the prompt once ("prefill"), store every layer's keys/values in a preallocated
 buffer (`KVCache`), and then feed one token per step (`generate_cached`), attending to the stored keys.
 
-The model is `shared.model.GPT` with RoPE: its modules `tok_emb`, `blocks[i].norm1 / attn (q_proj k_proj
-v_proj o_proj) / norm2 / mlp`, `norm`, `lm_head` are reused; only the attention's bookkeeping is ours.
+The model is `shared.model.GPT` with RoPE: its modules `tok_emb`, `blocks[i].norm1 / attn / norm2 / mlp`, `norm`,
+`lm_head` are reused, and each attention's own `project` gives the queries, keys and values; only the
+attention's bookkeeping (`attend`) is ours.
 
 Shapes: B batch, T new tokens in this call, L tokens in the cache after it, C = d_model, H query heads,
 K key/value heads (GQA: K divides H), D = head_dim, V vocab, N layers, S cache capacity.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from shared.model import GPT, Attention, apply_rope, rope_cos_sin
+from shared.model import GPT, Attention
 
-__all__ = ["CacheOverflowError", "KVCache", "kv_cache_bytes", "forward_cached", "generate_cached",
-           "generate_naive", "step_flops"]
+__all__ = ["CacheOverflowError", "KVCache", "kv_cache_bytes", "attend", "forward_cached", "generate_cached",
+           "generate_naive", "step_flops", "measure_cache_rss"]
 
 
 class CacheOverflowError(ValueError):
     """Appending would write past the preallocated capacity of a `KVCache`."""
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+# ---------------------------------------------------------------------------------------------- validators
+def _check_ints(minimum: int, **values) -> None:
+    """Each value must be an int (not a bool) >= minimum."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def _check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, ...), got {dtype}")
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a shared.model.GPT, got {type(model).__name__}")
+    if model.cfg.pos != "rope" or not model.cfg.causal:
+        raise ValueError(f"model must be a causal RoPE GPT for the cached loop, got pos={model.cfg.pos!r} "
+                         f"causal={model.cfg.causal}")
+    custom = [type(b.attn).__name__ for b in model.blocks if not isinstance(b.attn, Attention)]
+    if custom:   # we call project/o_proj ourselves: a plug-in attention would be bypassed
+        raise TypeError(f"model must use shared's Attention in every block for the cached loop, got {custom}")
+
+
+def _check_ids(name: str, ids) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long:
+        what = f"a {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"{name} must be a long tensor of token ids, got {what}")
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"{name} must be (B, T >= 1) token ids, got shape {tuple(ids.shape)}")
+
+
+def _check_loop(model, prompt, max_new_tokens) -> None:
+    _check_model(model)
+    _check_ids("prompt", prompt)
+    _check_ints(1, max_new_tokens=max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------- the cache
 def kv_cache_bytes(n_layer: int, n_kv_head: int, head_dim: int, length: int, dtype: torch.dtype = torch.float32,
                    batch_size: int = 1) -> int:
     """Bytes of a key/value cache: 2 (k and v) x N x B x K x D x length x bytes-per-element."""
-    for name, value, minimum in (("n_layer", n_layer, 1), ("n_kv_head", n_kv_head, 1), ("head_dim", head_dim, 1),
-                                 ("length", length, 0), ("batch_size", batch_size, 1)):
-        _check_int(name, value, minimum)
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+    _check_ints(1, n_layer=n_layer, n_kv_head=n_kv_head, head_dim=head_dim, batch_size=batch_size)
+    _check_ints(0, length=length)
+    _check_dtype(dtype)
     return 2 * n_layer * batch_size * n_kv_head * head_dim * length * dtype.itemsize
 
 
@@ -54,13 +95,11 @@ class KVCache:
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        for name, value in (("n_layer", n_layer), ("batch_size", batch_size), ("n_kv_head", n_kv_head),
-                            ("head_dim", head_dim), ("capacity", capacity)):
-            _check_int(name, value, 1)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        _check_ints(1, n_layer=n_layer, batch_size=batch_size, n_kv_head=n_kv_head, head_dim=head_dim,
+                    capacity=capacity)
+        _check_dtype(dtype)
         shape = (n_layer, batch_size, n_kv_head, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)    # zeros: every page is written (and resident)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._filled = [0] * n_layer                 # tokens stored, per layer
 
@@ -86,7 +125,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated by the two buffers (measured from the tensors, not from a formula)."""
+        """numel x element size of the two buffers: a check of their shapes, not a measurement of memory
+        (`measure_cache_rss` measures what the operating system actually gives the process)."""
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
     def reset(self) -> None:
@@ -95,22 +135,17 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         """Keep only the first `length` tokens of every layer (e.g. to re-time one step, or drop rejected drafts)."""
-        _check_int("length", length, 0)
+        _check_ints(0, length=length)
         if length > min(self._filled):
             raise ValueError(f"length must be <= the tokens stored ({min(self._filled)}), got {length}")
         self._filled = [length] * len(self._filled)
 
     def append(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k_new, v_new (B, K, T, D) for `layer`; return that layer's keys, values so far (B, K, L, D)."""
-        n_layer, B, K, S, D = self.k.shape
-        _check_int("layer", layer, 0)
-        if layer >= n_layer:
-            raise ValueError(f"layer must be < n_layer={n_layer}, got {layer}")
-        if k_new.shape != v_new.shape or k_new.dim() != 4 or k_new.shape[:2] != (B, K) or k_new.shape[3] != D:
-            raise ValueError(f"k_new and v_new must both be (B={B}, K={K}, T, D={D}), "
-                             f"got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+        self._check_append(layer, k_new, v_new)
+        S = self.capacity
         start, T = self._filled[layer], k_new.shape[2]
-        if start + T > S:
+        if start + T > S:   # a plain tensor would silently drop the write: refuse instead
             raise CacheOverflowError(f"cache capacity is {S} tokens; layer {layer} holds {start} and cannot take "
                                      f"{T} more: allocate capacity >= prompt + max_new_tokens")
         self.k[layer, :, :, start:start + T] = k_new
@@ -118,40 +153,33 @@ class KVCache:
         self._filled[layer] = start + T
         return self.k[layer, :, :, :start + T], self.v[layer, :, :, :start + T]
 
-
-def _check_model(model) -> None:
-    if not isinstance(model, GPT):
-        raise TypeError(f"model must be a shared.model.GPT, got {type(model).__name__}")
-    if model.cfg.pos != "rope" or not model.cfg.causal:
-        raise ValueError(f"the cached loop needs a causal RoPE model, got pos={model.cfg.pos!r} "
-                         f"causal={model.cfg.causal}")
-    custom = [type(b.attn).__name__ for b in model.blocks if not isinstance(b.attn, Attention)]
-    if custom:   # we call q_proj/k_proj/v_proj/o_proj ourselves: a plug-in attention would be bypassed
-        raise TypeError(f"the cached loop needs shared's Attention in every block, got {custom}")
-
-
-def _check_idx(name: str, idx) -> None:
-    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2 or idx.shape[1] == 0:
-        shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
-        dtype = idx.dtype if isinstance(idx, torch.Tensor) else None
-        raise ValueError(f"{name} must be a (B, T >= 1) long tensor of token ids, got {shape} dtype {dtype}")
+    def _check_append(self, layer, k_new, v_new) -> None:
+        n_layer, B, K, _, D = self.k.shape
+        _check_ints(0, layer=layer)
+        if layer >= n_layer:
+            raise ValueError(f"layer must be < n_layer={n_layer}, got {layer}")
+        if not isinstance(k_new, torch.Tensor) or not isinstance(v_new, torch.Tensor):
+            raise TypeError(f"k_new and v_new must be tensors, got {type(k_new).__name__}, {type(v_new).__name__}")
+        if k_new.shape != v_new.shape or k_new.dim() != 4 or k_new.shape[:2] != (B, K) or k_new.shape[3] != D:
+            raise ValueError(f"k_new and v_new must both be (B={B}, K={K}, T, D={D}), "
+                             f"got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
 
 
-def _attend(attn, x: torch.Tensor, cache: KVCache, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """One attention layer on T new positions, x (B, T, C) -> (B, T, C), reading/writing the cache."""
-    cfg = attn.cfg
+# ---------------------------------------------------------------------------------------------- the loops
+def attend(attn: Attention, x: torch.Tensor, cache: KVCache, layer: int, start_pos: int) -> torch.Tensor:
+    """One attention layer on T new positions, x (B, T, C) -> (B, T, C), reading/writing the cache.
+
+    `attn.project` gives q (B, H, T, D) and k, v (B, K, T, D), rotated by RoPE at positions start_pos ... ;
+    the new k, v go into the cache, and the queries attend to everything stored."""
     B, T, _ = x.shape
-    H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    q = attn.q_proj(x).view(B, T, H, D).transpose(1, 2)                 # (B, H, T, D)
-    k = attn.k_proj(x).view(B, T, K, D).transpose(1, 2)                 # (B, K, T, D)
-    v = attn.v_proj(x).view(B, T, K, D).transpose(1, 2)                 # (B, K, T, D)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)             # rotate at absolute positions
+    H, K, D = attn.cfg.n_head, attn.cfg.n_kv_head, attn.cfg.head_dim
+    q, k, v = attn.project(x, start_pos)                                # RoPE at absolute positions
     k_all, v_all = cache.append(layer, k, v)                            # (B, K, L, D), L = past + T
     L = k_all.shape[2]
     mask = None
-    if T > 1:  # new query i sits at absolute position L - T + i and may see keys 0 .. L - T + i
-        q_pos = torch.arange(L - T, L, device=x.device)[:, None]
-        mask = torch.arange(L, device=x.device)[None, :] <= q_pos       # (T, L) bool, True = may attend
+    if T > 1:  # new query i sits in slot L - T + i and may see keys 0 .. L - T + i
+        q_slot = torch.arange(L - T, L, device=x.device)[:, None]
+        mask = torch.arange(L, device=x.device)[None, :] <= q_slot      # (T, L) bool, True = may attend
     y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=K != H)   # (B, H, T, D)
     return attn.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
@@ -163,17 +191,14 @@ def forward_cached(model: GPT, idx: torch.Tensor, cache: KVCache, rope_start: in
     `rope_start` overrides the first RoPE position (only to demonstrate the bug of not advancing it).
     """
     _check_model(model)
-    _check_idx("idx", idx)
+    _check_ids("idx", idx)
     if idx.shape[0] != cache.k.shape[1]:
         raise ValueError(f"idx has batch {idx.shape[0]} but the cache was built for batch {cache.k.shape[1]}")
     start = cache.length if rope_start is None else rope_start
-    _check_int("rope_start", start, 0)
-    cfg = model.cfg
-    T = idx.shape[1]
+    _check_ints(0, rope_start=start)
     x = model.tok_emb(idx)                                              # (B, T, C)
-    cos, sin = rope_cos_sin(cfg.head_dim, torch.arange(start, start + T, device=idx.device), cfg.rope_theta, x.dtype)
     for layer, block in enumerate(model.blocks):
-        x = x + _attend(block.attn, block.norm1(x), cache, layer, cos, sin)
+        x = x + attend(block.attn, block.norm1(x), cache, layer, start)
         x = x + block.mlp(block.norm2(x))
     return model.lm_head(model.norm(x))                                 # (B, T, V)
 
@@ -188,9 +213,7 @@ def generate_cached(model: GPT, prompt: torch.Tensor, max_new_tokens: int, cache
     by default one of exactly that size is allocated. `advance_rope=False` is a deliberate bug: every decoded
     token is rotated as if it sat at position 0 (what calling a forward with its default start_pos=0 does).
     """
-    _check_model(model)
-    _check_idx("prompt", prompt)
-    _check_int("max_new_tokens", max_new_tokens, 1)
+    _check_loop(model, prompt, max_new_tokens)
     B, T0 = prompt.shape
     if cache is None:
         cache = KVCache.for_model(model, B, T0 + max_new_tokens - 1)
@@ -216,9 +239,7 @@ def generate_naive(model: GPT, prompt: torch.Tensor, max_new_tokens: int, *, ret
 
     Same contract as `generate_cached`; uses the model's own forward, so it doubles as the reference.
     """
-    _check_model(model)
-    _check_idx("prompt", prompt)
-    _check_int("max_new_tokens", max_new_tokens, 1)
+    _check_loop(model, prompt, max_new_tokens)
     was_training = model.training
     model.eval()
     idx, step_logits = prompt, []
@@ -230,6 +251,7 @@ def generate_naive(model: GPT, prompt: torch.Tensor, max_new_tokens: int, *, ret
     return (idx, torch.stack(step_logits, dim=1)) if return_logits else idx
 
 
+# ---------------------------------------------------------------------------------------------- the costs
 def step_flops(cfg, context: int, cached: bool, batch_size: int = 1) -> int:
     """Matmul FLOPs (2 per multiply-add) of one decoding step whose attention sees `context` keys.
 
@@ -238,11 +260,67 @@ def step_flops(cfg, context: int, cached: bool, batch_size: int = 1) -> int:
     Per layer: projections 2T(C·HD + 2·C·KD + HD·C), MLP 2T·3·C·F (SwiGLU), attention 2·2·T·context·H·D;
     plus the LM head 2T·C·V. Embedding lookups, norms and softmax are not matmuls and are left out.
     """
-    _check_int("context", context, 1)
-    _check_int("batch_size", batch_size, 1)
+    _check_ints(1, context=context, batch_size=batch_size)
     if cfg.act != "swiglu":
-        raise ValueError(f"step_flops counts a SwiGLU MLP, got act={cfg.act!r}")
+        raise ValueError(f"cfg.act must be 'swiglu' (step_flops counts a SwiGLU MLP), got {cfg.act!r}")
     C, H, K, D, F_ = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff
     T = 1 if cached else context
     per_layer = 2 * T * (C * H * D + 2 * C * K * D + H * D * C) + 2 * T * 3 * C * F_ + 4 * T * context * H * D
     return batch_size * (cfg.n_layer * per_layer + 2 * T * C * cfg.vocab_size)
+
+
+_RSS_SCRIPT = """
+import json, sys
+import torch
+from kv_cache import KVCache
+try:
+    import psutil
+    rss = psutil.Process().memory_info
+    resident = lambda: rss().rss
+except ImportError:                              # Linux without psutil: pages resident, from /proc
+    import os
+    resident = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+torch.set_num_threads(1)
+args = json.loads(sys.argv[1])
+KVCache(1, 1, 1, 8, 8).k.add_(1)                 # warm up: the first op allocates torch's own state
+kept, growth = [], {}
+for dtype in args.pop("dtypes"):
+    growth[dtype] = []
+    for length in args["lengths"]:               # kept alive: no freed memory is handed out again
+        before = resident()
+        kept.append(KVCache(args["n_layer"], args["batch_size"], args["n_kv_head"], args["head_dim"], length,
+                            dtype=getattr(torch, dtype)))
+        growth[dtype].append(resident() - before)
+print(json.dumps(growth))
+"""
+
+
+def measure_cache_rss(n_layer: int, n_kv_head: int, head_dim: int, lengths: list[int],
+                      dtypes: tuple[torch.dtype, ...] = (torch.float32,), batch_size: int = 1) -> dict:
+    """Resident memory (bytes) the operating system adds to a process when a `KVCache` of each length is built:
+    {dtype: [bytes per length]}.
+
+    A measurement independent of `kv_cache_bytes`: the process's resident set size (psutil, or /proc without
+    it) before and after each allocation. It runs in a fresh Python process told to take every block of
+    128 KiB or more straight from the operating system (glibc's MALLOC_MMAP_THRESHOLD_), so that no memory
+    freed earlier can be handed out again without showing in the RSS; in a long-lived kernel the allocator
+    reuses freed blocks and the growth may read 0. Pages are 4 KiB: a cache of a few KiB reads coarsely.
+    """
+    _check_ints(1, n_layer=n_layer, n_kv_head=n_kv_head, head_dim=head_dim, batch_size=batch_size)
+    if not isinstance(lengths, (list, tuple)) or not lengths:
+        raise TypeError(f"lengths must be a non-empty list of ints, got {lengths!r}")
+    _check_ints(1, **{f"lengths[{i}]": n for i, n in enumerate(lengths)})
+    if not isinstance(dtypes, (list, tuple)) or not dtypes:
+        raise TypeError(f"dtypes must be a non-empty tuple of torch dtypes, got {dtypes!r}")
+    for dtype in dtypes:
+        _check_dtype(dtype)
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    args = dict(n_layer=n_layer, batch_size=batch_size, n_kv_head=n_kv_head, head_dim=head_dim,
+                lengths=list(lengths), dtypes=names)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, json.dumps(args)], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"the measuring process failed:\n{done.stderr[-2000:]}")
+    growth = json.loads(done.stdout.strip().splitlines()[-1])
+    return {dtype: growth[name] for dtype, name in zip(dtypes, names)}

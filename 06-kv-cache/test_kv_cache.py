@@ -5,8 +5,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from kv_cache import (CacheOverflowError, KVCache, forward_cached, generate_cached, generate_naive, kv_cache_bytes,
-                      step_flops)
+from kv_cache import (CacheOverflowError, KVCache, attend, forward_cached, generate_cached, generate_naive,
+                      kv_cache_bytes, measure_cache_rss, step_flops)
 from shared.model import GPT, Attention, GPTConfig
 
 # float32 reference vs cached path: same math, different summation order -> ~1e-6; 1e-4 leaves room.
@@ -71,7 +71,7 @@ def test_for_model_shapes_follow_config():
 
 @pytest.mark.parametrize("kwargs, err", [
     (dict(capacity=0), ValueError), (dict(capacity=2.0), TypeError), (dict(n_layer=True), TypeError),
-    (dict(dtype=torch.int64), TypeError), (dict(head_dim=-1), ValueError)])
+    (dict(dtype=torch.int64), ValueError), (dict(dtype="float32"), TypeError), (dict(head_dim=-1), ValueError)])
 def test_cache_bad_arguments(kwargs, err):
     args = dict(n_layer=1, batch_size=1, n_kv_head=1, head_dim=2, capacity=4) | kwargs
     with pytest.raises(err, match=next(iter(kwargs))):
@@ -87,6 +87,21 @@ def test_append_bad_arguments():
         cache.append(0, torch.zeros(1, 4, 1, 4), torch.zeros(1, 4, 1, 4))    # H heads instead of K
     with pytest.raises(ValueError, match="k_new and v_new"):
         cache.append(0, good, torch.zeros(1, 2, 2, 4))
+
+
+def test_rss_growth_measures_the_formula_and_sees_a_wrong_shape():
+    lengths = [512, 4096]
+    measured = measure_cache_rss(2, 2, 64, lengths, dtypes=(torch.float32, torch.bfloat16))
+    for dtype, growth in measured.items():
+        for L, grown in zip(lengths, growth):
+            expected = kv_cache_bytes(2, 2, 64, L, dtype)
+            assert abs(grown - expected) <= 2**16 + 0.01 * expected, (dtype, L, grown, expected)
+    # a cache with H = 2 x K heads would be told apart: the measurement is not the formula restated
+    assert measure_cache_rss(2, 4, 64, [4096])[torch.float32][0] > 1.9 * kv_cache_bytes(2, 2, 64, 4096)
+    with pytest.raises(TypeError, match="lengths"):
+        measure_cache_rss(1, 1, 8, [])
+    with pytest.raises(ValueError, match=r"lengths\[1\]"):
+        measure_cache_rss(1, 1, 8, [4, 0])
 
 
 def test_kv_cache_bytes_bad_arguments():
@@ -134,6 +149,23 @@ def test_cached_equals_transformers_generate():
         theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=15, do_sample=False,
                              pad_token_id=0)
     assert torch.equal(generate_cached(model, idx, 15), theirs)
+
+
+def test_attend_equals_the_attention_module_and_reads_only_the_filled_slots():
+    model = tiny_gpt(init_std=0.3)
+    attn, x = model.blocks[0].attn, torch.randn(2, 6, 32)
+    with torch.no_grad():
+        ref = attn(x)                                                  # shared's own forward, start_pos 0
+        big = KVCache.for_model(model, 2, capacity=50)                 # much more room than used
+        ours = torch.cat([attend(attn, x[:, :4], big, 0, 0), attend(attn, x[:, 4:], big, 0, 4)], dim=1)
+    torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_decoding_runs_past_block_size():
+    model, idx = tiny_gpt(init_std=0.3), prompt(T=5)                   # block_size 64: RoPE takes any length
+    cached = generate_cached(model, idx, 80)
+    assert torch.equal(cached, generate_naive(model, idx, 80))
+    assert torch.equal(cached, model.generate(idx, 80, temperature=0, window=85))
 
 
 def test_given_cache_is_reused_and_too_small_cache_overflows():
@@ -197,10 +229,12 @@ def test_loop_bad_arguments():
     plugged = GPT(model.cfg, attn_factory=lambda cfg, i: Wrapped(cfg, i))
     with pytest.raises(TypeError, match="shared's Attention"):
         generate_cached(plugged, prompt(), 3)
-    with pytest.raises(ValueError, match="prompt must be a"):
+    with pytest.raises(ValueError, match=r"prompt must be \(B, T >= 1\)"):
         generate_cached(model, torch.zeros(1, 0, dtype=torch.long), 3)
-    with pytest.raises(ValueError, match="prompt must be a"):
+    with pytest.raises(TypeError, match="prompt must be a long tensor"):
         generate_naive(model, torch.zeros(1, 3), 3)
+    with pytest.raises(TypeError, match="prompt must be a long tensor"):
+        generate_naive(model, [[1, 2]], 3)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         generate_cached(model, prompt(), 0)
     with pytest.raises(TypeError, match="max_new_tokens must be an int"):
