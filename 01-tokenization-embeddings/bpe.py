@@ -9,6 +9,8 @@ Pieces, in the order a reader meets them:
   pair. Pair counts are kept and updated *incrementally*: a merge only revisits the chunks that contain the
   merged pair (an index pair -> chunks), and a max-heap with lazy deletion finds the next best pair. Ties are
   broken deterministically: among pairs with the highest count, the smallest `(left_id, right_id)` wins.
+  `brute_force_merges` is the slow, obviously correct reference (recount everything after each merge) that
+  the notebook and the tests hold `train` to.
 * **Encoding** (`BPETokenizer.encode`): tiktoken's rule. Inside one chunk, repeatedly merge the adjacent
   pair whose concatenated bytes has the lowest rank (id) in the vocabulary, leftmost first, until no adjacent
   pair is a token. With cl100k's ranks this reproduces tiktoken token for token.
@@ -37,20 +39,24 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 # Used when exporting a tokenizer without pre-splitting to tiktoken: the whole text is one chunk.
 _WHOLE_TEXT_PATTERN = r"[\s\S]+"
 
-_DEFAULT = object()  # sentinel: "use CL100K_PATTERN"
-
 
 # ----------------------------------------------------------------------------------------------------------
-# argument checks
+# argument checks: one small validator per entry point, so the functions below read as the algorithm.
+# TypeError for a wrong type, ValueError for a wrong value; each message names the argument.
 def _check_str(value, name: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, got {type(value).__name__}")
     return value
 
 
+def _check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
 def _check_pattern(pattern) -> str | None:
-    if pattern is _DEFAULT:
-        return CL100K_PATTERN
+    """`None` (no pre-split) or a str that compiles as a regex."""
     if pattern is None:
         return None
     _check_str(pattern, "pattern")
@@ -87,6 +93,53 @@ def _documents(text) -> list[str]:
     for d in docs:
         _check_str(d, "each document in text")
     return docs
+
+
+def _check_train_args(text, vocab_size, pattern, special_tokens) -> tuple[list[str], str | None, list[str]]:
+    """`train`'s arguments -> (documents, pattern, special tokens)."""
+    docs = _documents(text)
+    _check_int(vocab_size, "vocab_size")
+    pattern, specials = _check_pattern(pattern), _check_specials(special_tokens)
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size must be >= 256 + {len(specials)} special tokens = "
+                         f"{256 + len(specials)}, got {vocab_size}")
+    return docs, pattern, specials
+
+
+def _check_vocabulary(ranks, special_tokens) -> dict[str, int]:
+    """`BPETokenizer`'s tables: all 256 bytes present, distinct ids, specials that do not reuse an id."""
+    if not isinstance(ranks, dict):
+        raise TypeError(f"ranks must be a dict bytes -> int, got {type(ranks).__name__}")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(f"ranks must contain all 256 single bytes, {len(missing)} missing (first: {missing[0]})")
+    if len(set(ranks.values())) != len(ranks):
+        raise ValueError("ranks must map distinct byte strings to distinct ids")
+    special_tokens = dict(special_tokens or {})
+    _check_specials(list(special_tokens))
+    clash = set(ranks.values()) & set(special_tokens.values())
+    if clash:
+        raise ValueError(f"special token ids collide with ordinary ids: {sorted(clash)[:5]}")
+    return special_tokens
+
+
+def _check_allowed_special(allowed_special, known: dict[str, int]) -> set[str]:
+    """`encode`'s allowed_special ("all", "none" or a collection of known specials) -> a set of specials."""
+    if allowed_special == "all":
+        return set(known)
+    if allowed_special == "none":
+        return set()
+    allowed = set(allowed_special)
+    unknown = allowed - set(known)
+    if unknown:
+        raise ValueError(f"allowed_special has unknown special tokens {sorted(unknown)}; known: {sorted(known)}")
+    return allowed
+
+
+def _check_token_id(token_id) -> int:
+    if isinstance(token_id, bool) or not hasattr(token_id, "__index__"):
+        raise TypeError(f"token ids must be int, got {type(token_id).__name__}")
+    return operator.index(token_id)  # numpy / torch integer scalars are fine
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,7 +261,7 @@ def train_merges(words: list[list[int]], freqs: list[int], n_merges: int,
     return merges
 
 
-def train(text: str | Sequence[str], vocab_size: int, *, pattern=_DEFAULT,
+def train(text: str | Sequence[str], vocab_size: int, *, pattern: str | None = CL100K_PATTERN,
           special_tokens: Sequence[str] | None = ("<|endoftext|>",)) -> "BPETokenizer":
     """Train a byte-level BPE of `vocab_size` tokens (256 bytes + merges + `special_tokens`).
 
@@ -217,14 +270,7 @@ def train(text: str | Sequence[str], vocab_size: int, *, pattern=_DEFAULT,
     the training text are ordinary text. Ids: bytes 0..255, merge k -> 256 + k, then the specials.
     If the text runs out of pairs first, the vocabulary is smaller than asked (see `n_vocab`).
     """
-    docs = _documents(text)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
-    pattern = _check_pattern(pattern)
-    specials = _check_specials(special_tokens)
-    if vocab_size < 256 + len(specials):
-        raise ValueError(f"vocab_size must be >= 256 + {len(specials)} special tokens = "
-                         f"{256 + len(specials)}, got {vocab_size}")
+    docs, pattern, specials = _check_train_args(text, vocab_size, pattern, special_tokens)
     # Count unique chunks once: a word that occurs 10,000 times is merged once, weighted by 10,000.
     chunk_counts = Counter()
     for doc in docs:
@@ -233,6 +279,21 @@ def train(text: str | Sequence[str], vocab_size: int, *, pattern=_DEFAULT,
     freqs = list(chunk_counts.values())
     merges = train_merges(words, freqs, vocab_size - 256 - len(specials))
     return BPETokenizer.from_merges(merges, pattern=pattern, special_tokens=specials)
+
+
+def brute_force_merges(text: str, n_merges: int, pattern: str | None = CL100K_PATTERN) -> list[tuple[int, int]]:
+    """The reference trainer: recount every pair of the corpus after every merge. O(corpus x merges), obviously
+    correct, same tie rule (highest count, then the smallest (left, right) pair). `train` must equal it."""
+    words = [list(chunk.encode("utf-8")) for chunk in pre_split(text, _check_pattern(pattern))]
+    merges: list[tuple[int, int]] = []
+    for k in range(_check_int(n_merges, "n_merges")):
+        counts = Counter(pair for w in words for pair in zip(w, w[1:]))
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        words = [merge_pair(w, best, 256 + k) for w in words]
+    return merges
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,34 +305,22 @@ class BPETokenizer:
     pairs when the tokenizer was trained here, else None (ranks loaded from tiktoken).
     """
 
-    def __init__(self, ranks: dict[bytes, int], *, pattern=_DEFAULT,
+    def __init__(self, ranks: dict[bytes, int], *, pattern: str | None = CL100K_PATTERN,
                  special_tokens: dict[str, int] | None = None,
                  merges: list[tuple[int, int]] | None = None):
-        if not isinstance(ranks, dict):
-            raise TypeError(f"ranks must be a dict bytes -> int, got {type(ranks).__name__}")
-        missing = [b for b in range(256) if bytes([b]) not in ranks]
-        if missing:
-            raise ValueError(f"ranks must contain all 256 single bytes, {len(missing)} missing "
-                             f"(first: {missing[0]})")
-        special_tokens = dict(special_tokens or {})
-        _check_specials(list(special_tokens))
+        special_tokens = _check_vocabulary(ranks, special_tokens)
         self.ranks = ranks
         self.pattern = _check_pattern(pattern)
         self.special_tokens = special_tokens
         self.merges = merges
         self.decoder = {i: b for b, i in ranks.items()}
         self.special_decoder = {i: s for s, i in special_tokens.items()}
-        if len(self.decoder) != len(ranks):
-            raise ValueError("ranks must map distinct byte strings to distinct ids")
-        clash = set(self.decoder) & set(self.special_decoder)
-        if clash:
-            raise ValueError(f"special token ids collide with ordinary ids: {sorted(clash)[:5]}")
         self._split = regex.compile(self.pattern) if self.pattern is not None else None
         self._cache: dict[bytes, list[int]] = {}
 
     # --- construction ----------------------------------------------------------------------------------
     @classmethod
-    def from_merges(cls, merges: list[tuple[int, int]], *, pattern=_DEFAULT,
+    def from_merges(cls, merges: list[tuple[int, int]], *, pattern: str | None = CL100K_PATTERN,
                     special_tokens: Sequence[str] = ()) -> "BPETokenizer":
         """Vocabulary from an ordered merge list: bytes 0..255, merge k -> 256 + k, then the specials."""
         vocab = {i: bytes([i]) for i in range(256)}
@@ -312,7 +361,13 @@ class BPETokenizer:
 
     @property
     def n_vocab(self) -> int:
+        """Number of tokens (ordinary + special). tiktoken's `n_vocab` is the largest id + 1 instead, which is
+        larger when the ids have gaps (cl100k: no id 100256, none in 100261..100275)."""
         return len(self.ranks) + len(self.special_tokens)
+
+    def clear_cache(self) -> None:
+        """Forget the chunk -> ids cache of `encode`, so that a timing measures the merge loop itself."""
+        self._cache.clear()
 
     # --- encoding --------------------------------------------------------------------------------------
     def _bpe(self, piece: bytes) -> list[int]:
@@ -361,16 +416,7 @@ class BPETokenizer:
         chunk, so use `to_tiktoken()` for long texts.
         """
         _check_str(text, "text")
-        if allowed_special == "all":
-            allowed = set(self.special_tokens)
-        elif allowed_special == "none":
-            allowed = set()
-        else:
-            allowed = set(allowed_special)
-            unknown = allowed - set(self.special_tokens)
-            if unknown:
-                raise ValueError(f"allowed_special has unknown special tokens {sorted(unknown)}; "
-                                 f"known: {sorted(self.special_tokens)}")
+        allowed = _check_allowed_special(allowed_special, self.special_tokens)
         disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
         if disallowed:
             hit = regex.search("|".join(regex.escape(s) for s in disallowed), text)
@@ -393,9 +439,7 @@ class BPETokenizer:
     # --- decoding --------------------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one id (a special token: its UTF-8 string)."""
-        if isinstance(token_id, bool) or not hasattr(token_id, "__index__"):
-            raise TypeError(f"token ids must be int, got {type(token_id).__name__}")
-        token_id = operator.index(token_id)  # numpy / torch integer scalars are fine
+        token_id = _check_token_id(token_id)
         if token_id in self.decoder:
             return self.decoder[token_id]
         if token_id in self.special_decoder:

