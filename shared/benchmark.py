@@ -5,7 +5,7 @@
 
 Each model is trained with AdamW on random tokens; the rounds interleave the models (ours, HF Llama, HF GPT-2,
 ours, ...) so a machine that gets busier or quieter half-way slows all three alike, and the ratios are medians
-over rounds. References: `transformers`' `LlamaForCausalLM` (same architecture as ours: RMSNorm, RoPE, SwiGLU)
+over rounds. Time is this process's CPU time by default (robust to other processes; use 1 thread). References: `transformers`' `LlamaForCausalLM` (same architecture as ours: RMSNorm, RoPE, SwiGLU)
 and `GPT2LMHeadModel` (the plain GPT: learned positions, LayerNorm, GELU, biases; the shape of nanoGPT).
 Not a test: timings depend on the machine. Targets: ours >= 1.1x HF Llama and >= 1.0x the plain GPT.
 """
@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--clock", choices=("process", "wall"), default="process",
+                        help="process: this process's CPU seconds (steady on a busy machine; with several threads it "
+                             "adds their times up, so compare at equal threads); wall: elapsed time")
     args = parser.parse_args(argv)
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     quiet()
     torch.set_num_threads(args.threads)
     models = build_models(args.layers, args.d_model, args.heads, args.vocab, args.seq_len + 1)
@@ -77,12 +81,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rates = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.steps):
                 step()
-            rates[name].append(tokens / (time.perf_counter() - t0))
+            rates[name].append(tokens / (clock() - t0))
     ours = rates["shared GPT"]
-    print(f"threads {args.threads}, {args.layers} layers, d {args.d_model}, {args.heads} heads, vocab {args.vocab}, "
+    print(f"{args.clock} clock, threads {args.threads}, {args.layers} layers, d {args.d_model}, {args.heads} heads, vocab {args.vocab}, "
           f"T {args.seq_len}, B {args.batch}; {args.rounds} rounds x {args.steps} steps")
     result = {}
     for name, r in rates.items():
