@@ -9,74 +9,78 @@ processors: repetition penalty -> temperature -> top-k -> top-p -> min-p, then s
 `torch.multinomial` draw per row. Every filter is checked against its `transformers` twin in
 `test_sampling.py` and in the notebook.
 
+Decoding with a model is `shared.model.decode` (the one loop of the repository) driven by a `Sampler`, the
+`pick_next` callable built from the knobs, which also records what each step looked like.
+
 Metrics for the sampled text: `entropy` of a (filtered) next-token distribution, `distinct_n`,
-`repetition_rate`, `longest_copy`, and `perplexity` of a continuation under the model.
+`repetition_rate`, `longest_copy`, `perplexity` of a continuation under the model, and `wilson` intervals
+for fractions.
 """
 from __future__ import annotations
 
 import html
-import inspect
 import math
 import numbers
-from collections import Counter
 
 import torch
-import torch.nn.functional as F
+
+from shared.model import decode
+
+KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# argument checks (clear messages: which argument, what was given, what is expected)
+# argument checks, gathered here so that the math below reads first
+# (TypeError: wrong type; ValueError: wrong value; the message names the argument, the value and what is allowed)
 
 def _check_logits(logits) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor of shape (B, V) or (V,), got {type(logits).__name__}")
     if not logits.is_floating_point():
         raise TypeError(f"logits must have a floating dtype, got {logits.dtype}")
-    if logits.dim() not in (1, 2):
-        raise ValueError(f"logits must have shape (B, V) or (V,), got shape {tuple(logits.shape)}")
-    if logits.numel() == 0:
-        raise ValueError(f"logits must be non-empty, got shape {tuple(logits.shape)}")
+    if logits.dim() not in (1, 2) or logits.numel() == 0:
+        raise ValueError(f"logits must have a non-empty shape (B, V) or (V,), got shape {tuple(logits.shape)}")
     if torch.isnan(logits).any():
         raise ValueError("logits contain NaN")
 
 
-def _check_real(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
-    return value
+def _number(name: str, value, low: float, high: float = math.inf, *, open_low: bool = False,
+            integer: bool = False, hint: str = ""):
+    """`value` as an int/float in [low, high] ((low, high] with open_low); NaN is never in range."""
+    kind, what = (numbers.Integral, "an int") if integer else (numbers.Real, "a real number")
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    if not ((value > low if open_low else value >= low) and value <= high):
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be in {interval}, got {value}{hint}")
+    return int(value) if integer else float(value)
 
 
-def _check_temperature(temperature) -> float:
-    t = _check_real("temperature", temperature)
-    if not t > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}; for the T -> 0 limit ask for "
-                         "greedy decoding explicitly with greedy=True")
-    return t
+def _check_knobs(temperature=1.0, top_k=None, top_p=None, min_p=None, repetition_penalty=None) -> dict:
+    """All knobs of the pipeline, validated at once; `None` switches a stage off."""
+    return {
+        "temperature": _number("temperature", temperature, 0.0, open_low=True,
+                               hint="; for the T -> 0 limit ask for greedy decoding with greedy=True"),
+        "top_k": None if top_k is None else _number("top_k", top_k, 1, integer=True),
+        "top_p": None if top_p is None else _number("top_p", top_p, 0.0, 1.0, open_low=True),
+        "min_p": None if min_p is None else _number("min_p", min_p, 0.0, 1.0),
+        "repetition_penalty": None if repetition_penalty is None else
+        _number("repetition_penalty", repetition_penalty, 0.0, open_low=True)}
 
 
-def _check_top_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"top_k must be an int >= 1, got {k!r} ({type(k).__name__})")
-    if k < 1:
-        raise ValueError(f"top_k must be an int >= 1, got {k}")
-    return int(k)
-
-
-def _check_top_p(p) -> float:
-    p = _check_real("top_p", p)
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
-    return p
-
-
-def _check_min_p(min_p) -> float:
-    m = _check_real("min_p", min_p)
-    if not 0.0 <= m <= 1.0:
-        raise ValueError(f"min_p must be in [0, 1], got {m}")
-    return m
+def _check_ids(name: str, ids, shape_of: torch.Tensor | None = None, vocab: int | None = None) -> None:
+    """Token ids: an integer tensor, (B, L) (or matching the batch dims of `shape_of`), inside [0, vocab)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold integer token ids (int64/int32), got {ids.dtype}")
+    want = "(B, L)" if shape_of is None else f"(B, L) matching logits {tuple(shape_of.shape)} (or (L,) for (V,))"
+    if (shape_of is None and ids.dim() != 2) or (
+            shape_of is not None and (ids.dim() != shape_of.dim() or ids.shape[:-1] != shape_of.shape[:-1])):
+        raise ValueError(f"{name} must have shape {want}, got {tuple(ids.shape)}")
+    if vocab is not None and ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"{name} must be token ids in [0, {vocab}), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,7 +90,7 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Divide logits by `temperature` > 0. (B, V) -> (B, V). T < 1 sharpens, T > 1 flattens;
     softmax(l / T) tends to the one-hot of argmax(l) as T -> 0 and to uniform as T -> inf."""
     _check_logits(logits)
-    return logits / _check_temperature(temperature)
+    return logits / _check_knobs(temperature=temperature)["temperature"]
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -95,7 +99,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     Ties at the k-th value are all kept (a row may keep more than k tokens), as in transformers'
     `TopKLogitsWarper`; k > V is clipped to V (then nothing is removed)."""
     _check_logits(logits)
-    k = min(_check_top_k(k), logits.shape[-1])
+    k = min(_check_knobs(top_k=k)["top_k"], logits.shape[-1])
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]          # (B, 1)
     return logits.masked_fill(logits < kth_largest, float("-inf"))
 
@@ -108,7 +112,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     cumulative probability stays <= 1 - p; the most likely token is always kept. Among tied logits the
     order of `torch.sort` decides which one sits on the boundary (the same call as transformers)."""
     _check_logits(logits)
-    p = _check_top_p(p)
+    p = _check_knobs(top_p=p)["top_p"]
     sorted_logits, order = torch.sort(logits, dim=-1, descending=False)  # (B, V) least likely first
     tail_mass = sorted_logits.softmax(dim=-1).cumsum(dim=-1)             # mass of this token and all below
     drop_sorted = tail_mass <= 1.0 - p
@@ -123,7 +127,7 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     The cut scales with the model's confidence: a confident row keeps few tokens, a flat row many.
     min_p = 0 keeps everything; the top token is always kept."""
     _check_logits(logits)
-    min_p = _check_min_p(min_p)
+    min_p = _check_knobs(min_p=min_p)["min_p"]
     probs = logits.softmax(dim=-1)
     drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
     drop.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
@@ -136,20 +140,8 @@ def apply_repetition_penalty(logits: torch.Tensor, prev_ids: torch.Tensor, penal
     A positive logit is divided by `penalty`, a negative one multiplied, so penalty > 1 always makes a
     seen token less likely (penalty = 1 is a no-op). How often a token was seen does not matter."""
     _check_logits(logits)
-    penalty = _check_real("penalty", penalty)
-    if not penalty > 0:
-        raise ValueError(f"penalty must be > 0, got {penalty}")
-    if not isinstance(prev_ids, torch.Tensor):
-        raise TypeError(f"prev_ids must be a torch.Tensor of token ids, got {type(prev_ids).__name__}")
-    if prev_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"prev_ids must hold integer token ids (int64/int32), got {prev_ids.dtype}")
-    if prev_ids.dim() != logits.dim() or prev_ids.shape[:-1] != logits.shape[:-1]:
-        raise ValueError(f"prev_ids must have shape (B, L) matching logits (B, V) (or (L,) for (V,)), "
-                         f"got prev_ids {tuple(prev_ids.shape)} and logits {tuple(logits.shape)}")
-    vocab = logits.shape[-1]
-    if prev_ids.numel() and (prev_ids.min() < 0 or prev_ids.max() >= vocab):
-        raise ValueError(f"prev_ids must be token ids in [0, {vocab}), got values in "
-                         f"[{int(prev_ids.min())}, {int(prev_ids.max())}]")
+    penalty = _check_knobs(repetition_penalty=penalty)["repetition_penalty"]
+    _check_ids("prev_ids", prev_ids, shape_of=logits, vocab=logits.shape[-1])
     if prev_ids.shape[-1] == 0:
         return logits.clone()
     prev_ids = prev_ids.long()
@@ -165,10 +157,11 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     -> min-p. (B, V) -> (B, V). `None` switches a stage off; the result's softmax is the distribution
     that `sample` draws from."""
     _check_logits(logits)
+    _check_knobs(temperature, top_k, top_p, min_p, repetition_penalty)
+    if repetition_penalty is not None and prev_ids is None:
+        raise ValueError("repetition_penalty needs prev_ids, the ids generated so far, got None")
     out = logits
     if repetition_penalty is not None:
-        if prev_ids is None:
-            raise ValueError("repetition_penalty needs prev_ids, the ids generated so far, got None")
         out = apply_repetition_penalty(out, prev_ids, repetition_penalty)
     out = apply_temperature(out, temperature)
     if top_k is not None:
@@ -180,6 +173,21 @@ def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     return out
 
 
+def draw(filtered: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One `torch.multinomial` draw per row of softmax(filtered), in float32 as transformers. (B, V) -> (B,)."""
+    probs = filtered.float().softmax(dim=-1)
+    rows = probs if probs.dim() == 2 else probs[None]
+    ids = torch.multinomial(rows, num_samples=1, generator=generator)[:, 0]  # (B,)
+    return ids if probs.dim() == 2 else ids[0]
+
+
+def _check_draw(greedy, generator) -> None:
+    if not isinstance(greedy, bool):
+        raise TypeError(f"greedy must be a bool, got {greedy!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
            prev_ids: torch.Tensor | None = None, greedy: bool = False,
@@ -188,25 +196,103 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
 
     `greedy=True` returns the argmax (after the repetition penalty, which changes the order of tokens;
     temperature and truncation never change the argmax, so they are skipped and temperature may be 0).
-    Otherwise temperature must be > 0, and the draw is `torch.multinomial` on the softmax of
-    `filter_logits(...)` with the given seeded `generator` (float32 probabilities, as transformers)."""
+    Otherwise temperature must be > 0, and the draw is `draw(filter_logits(...), generator)`."""
     _check_logits(logits)
-    if not isinstance(greedy, bool):
-        raise TypeError(f"greedy must be a bool, got {greedy!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _check_draw(greedy, generator)
     if greedy:
-        _check_real("temperature", temperature)
-        out = logits
+        _number("temperature", temperature, 0.0)
         if repetition_penalty is not None:
-            out = filter_logits(logits, repetition_penalty=repetition_penalty, prev_ids=prev_ids)
-        return out.argmax(dim=-1)
-    out = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                        repetition_penalty=repetition_penalty, prev_ids=prev_ids)
-    probs = out.float().softmax(dim=-1)
-    rows = probs if probs.dim() == 2 else probs[None]
-    ids = torch.multinomial(rows, num_samples=1, generator=generator)[:, 0]  # (B,)
-    return ids if probs.dim() == 2 else ids[0]
+            logits = filter_logits(logits, repetition_penalty=repetition_penalty, prev_ids=prev_ids)
+        return logits.argmax(dim=-1)
+    return draw(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repetition_penalty=repetition_penalty, prev_ids=prev_ids), generator)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the sampler: the knobs as a pick_next(logits, ids) for shared.model.decode
+
+class Sampler:
+    """`pick_next(logits (B, V), ids (B, T)) -> (B,)` for `shared.model.decode`, built from `sample`'s knobs.
+
+    Each call picks the next token exactly as `sample` does (the repetition penalty sees `ids`, the whole text
+    so far, prompt included, as in transformers) and records, per row: the entropy in nats of the filtered
+    distribution the token was drawn from (0 for greedy), and the log-probability of the chosen token under
+    the model's plain distribution (T = 1, unfiltered), so the perplexity of a sample needs no second pass.
+    """
+
+    def __init__(self, *, greedy: bool = False, generator: torch.Generator | None = None, **knobs):
+        unknown = set(knobs) - set(KNOBS)
+        if unknown:
+            raise TypeError(f"unknown knob(s) {sorted(unknown)}; the knobs are {list(KNOBS)}")
+        _check_draw(greedy, generator)
+        if greedy:            # the argmax ignores temperature (0 allowed here) and truncation; not the penalty
+            _number("temperature", knobs.pop("temperature", 0.0), 0.0)
+            _check_knobs(**knobs)
+            knobs = {"repetition_penalty": knobs.get("repetition_penalty")}
+        self.knobs = {k: v for k, v in _check_knobs(**knobs).items() if k in knobs}
+        self.greedy, self.generator = greedy, generator
+        self.entropies: list[torch.Tensor] = []                        # per step: (B,)
+        self.logprobs: list[torch.Tensor] = []                         # per step: (B,)
+
+    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()                                        # (B, V)
+        penalised = self.knobs.get("repetition_penalty") is not None
+        if self.greedy:
+            nxt = sample(logits, greedy=True, repetition_penalty=self.knobs["repetition_penalty"], prev_ids=ids)
+            self.entropies.append(torch.zeros(len(logits)))
+        else:
+            filtered = filter_logits(logits, prev_ids=ids if penalised else None, **self.knobs)
+            nxt = draw(filtered, self.generator)
+            self.entropies.append(entropy(filtered))
+        self.logprobs.append(torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0])
+        return nxt
+
+    def step_entropy(self) -> torch.Tensor:
+        """(B, steps): entropy (nats) of the distribution each token was drawn from."""
+        return torch.stack(self.entropies, dim=1)
+
+    def step_logprob(self) -> torch.Tensor:
+        """(B, steps): log p_model(chosen token | text so far) at T = 1, unfiltered."""
+        return torch.stack(self.logprobs, dim=1)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, generator: torch.Generator | None = None,
+             greedy: bool = False, use_cache: bool | None = None, **knobs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample continuations: `shared.model.decode` driven by a `Sampler(greedy, generator, **knobs)`.
+
+    prompt_ids (B, T0) long -> (ids (B, T0 + max_new_tokens), step_entropy (B, max_new_tokens)).
+    `use_cache=None` caches keys/values when `model` is a shared GPT and re-runs the window otherwise (any
+    model whose `model(idx)` returns `(logits (B, T, V), _)` works); both give the same tokens."""
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dtype != torch.long:
+        raise TypeError(f"prompt_ids must be a (B, T0) long tensor, got {getattr(prompt_ids, 'dtype', type(prompt_ids).__name__)}")
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be a (B, T0 >= 1) long tensor, got shape {tuple(prompt_ids.shape)} "
+                         "(T0 = 0 leaves nothing to condition on)")
+    pick = Sampler(greedy=greedy, generator=generator, **knobs)
+    ids = decode(model, prompt_ids, max_new_tokens, pick, use_cache=use_cache)
+    return ids, (pick.step_entropy() if pick.entropies else torch.zeros(len(prompt_ids), 0))
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, prompt_len: int, stop_id: int | None = None) -> torch.Tensor:
+    """Perplexity of each continuation under the model's plain (T = 1, unfiltered) distribution:
+    exp(mean over positions t >= prompt_len of -log p(ids[t] | ids[:t])). ids (B, T) -> (B,).
+
+    With `stop_id` (e.g. end-of-text), each row counts its continuation only up to and including the first
+    `stop_id`: the perplexity of the first document, not of what follows it."""
+    _check_ids("ids", ids)
+    _number("prompt_len", prompt_len, 1, ids.shape[1] - 1, integer=True)
+    logits = model(ids[:, :-1])[0].float()                               # (B, T-1, V)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0][:, prompt_len - 1:]
+    keep = torch.ones_like(logp) if stop_id is None else stop_mask(ids[:, prompt_len:], stop_id).float()
+    return torch.exp(-(logp * keep).sum(dim=1) / keep.sum(dim=1))
+
+
+def stop_mask(ids: torch.Tensor, stop_id: int) -> torch.Tensor:
+    """(B, T) ids -> (B, T) bool: True up to and including the first `stop_id` of each row (all True if none)."""
+    stop = (ids == stop_id).long()
+    return (stop.cumsum(dim=1) - stop) == 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -221,24 +307,16 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(p * logp.masked_fill(p == 0, 0.0)).sum(dim=-1)
 
 
-def _as_id_lists(seqs, name="seqs"):
+def _as_id_lists(seqs, name: str = "seqs") -> list[list[int]]:
     if isinstance(seqs, torch.Tensor):
-        if seqs.dim() == 1:
-            seqs = seqs[None]
-        if seqs.dim() != 2:
+        if seqs.dim() not in (1, 2):
             raise ValueError(f"{name} must be (B, T) or (T,) ids, got shape {tuple(seqs.shape)}")
-        return seqs.tolist()
+        return (seqs[None] if seqs.dim() == 1 else seqs).tolist()
     if isinstance(seqs, (list, tuple)):
         if all(isinstance(s, numbers.Integral) for s in seqs):
             return [list(seqs)]
         return [list(s.tolist() if isinstance(s, torch.Tensor) else s) for s in seqs]
     raise TypeError(f"{name} must be a tensor or a list of id lists, got {type(seqs).__name__}")
-
-
-def _check_n(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    return int(n)
 
 
 def ngrams(ids, n: int) -> list[tuple]:
@@ -249,7 +327,7 @@ def ngrams(ids, n: int) -> list[tuple]:
 def distinct_n(seqs, n: int) -> float:
     """Distinct-n (Li et al. 2016): unique n-grams / total n-grams, pooled over all sequences.
     seqs: (B, T) tensor, (T,) tensor or list of id lists. 1.0 = no n-gram ever repeats; nan if no n-gram."""
-    n = _check_n(n)
+    n = _number("n", n, 1, integer=True)
     grams = [g for s in _as_id_lists(seqs) for g in ngrams(s, n)]
     return len(set(grams)) / len(grams) if grams else float("nan")
 
@@ -257,7 +335,7 @@ def distinct_n(seqs, n: int) -> float:
 def repetition_rate(seqs, n: int = 4) -> float:
     """Fraction of n-grams that already occurred earlier in the same sequence, pooled over sequences.
     0 for fresh text; tends to 1 when the text loops. nan if no sequence has an n-gram."""
-    n = _check_n(n)
+    n = _number("n", n, 1, integer=True)
     repeated = total = 0
     for s in _as_id_lists(seqs):
         seen = set()
@@ -287,74 +365,25 @@ def longest_copy(ids) -> tuple[int, int]:
     return best
 
 
-# ----------------------------------------------------------------------------------------------------------
-# generation with a model, and scoring under it
-
-@torch.no_grad()
-def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, *, generator: torch.Generator | None = None,
-             greedy: bool = False, use_cache: bool = True, **knobs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Autoregressive decoding with `sample`. `model(idx)` must return `(logits (B, T, V), _)`.
-
-    prompt_ids (B, T0) long -> (ids (B, T0 + max_new_tokens), step_entropy (B, max_new_tokens)), where
-    step_entropy is the entropy in nats of the filtered distribution each token was drawn from (0 for greedy).
-    `knobs` are `sample`'s: temperature, top_k, top_p, min_p, repetition_penalty (its prev_ids is the text so
-    far, prompt included, as in transformers). With `use_cache` and a model whose forward takes
-    `start_pos, caches` (shared.model.GPT), only the new token is run each step; otherwise the whole
-    window (the last `block_size` tokens) is re-run, which is slower but gives the same distribution."""
-    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.dtype != torch.long:
-        raise ValueError(f"prompt_ids must be a (B, T0) long tensor, got "
-                         f"{getattr(prompt_ids, 'shape', type(prompt_ids).__name__)}")
-    if prompt_ids.shape[1] == 0:
-        raise ValueError("prompt_ids must hold at least one token per row, got T0 = 0")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    block = getattr(getattr(model, "cfg", None), "block_size", None)
-    cached = use_cache and "caches" in inspect.signature(model.forward).parameters
-    caches = [{} for _ in model.blocks] if cached else None
-    ids, fed, entropies = prompt_ids, 0, []                               # fed: tokens already in the caches
-    for _ in range(max_new_tokens):
-        if caches is not None and (block is None or ids.shape[1] <= block):
-            logits = model(ids[:, fed:], start_pos=fed, caches=caches)[0]
-            fed = ids.shape[1]
-        else:
-            caches = None                                                  # past the trained context: slide
-            logits = model(ids if block is None else ids[:, -block:])[0]
-        logits = logits[:, -1, :].float()                                  # (B, V)
-        step_knobs = dict(knobs, prev_ids=ids) if knobs.get("repetition_penalty") is not None else knobs
-        if greedy:
-            entropies.append(torch.zeros(ids.shape[0]))
-        else:
-            entropies.append(entropy(filter_logits(logits, **step_knobs)))
-        nxt = sample(logits, greedy=greedy, generator=generator, **step_knobs)  # (B,)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-    step_entropy = torch.stack(entropies, dim=1) if entropies else torch.zeros(ids.shape[0], 0)
-    return ids, step_entropy
-
-
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Perplexity of each continuation under the model's plain (T = 1, unfiltered) distribution:
-    exp(mean over positions >= prompt_len of -log p(ids[t] | ids[:t])). ids (B, T) -> (B,)."""
-    if ids.dim() != 2 or ids.dtype != torch.long:
-        raise ValueError(f"ids must be (B, T) long, got {tuple(ids.shape)} {ids.dtype}")
-    if not 1 <= prompt_len < ids.shape[1]:
-        raise ValueError(f"prompt_len must be in [1, {ids.shape[1]}) for ids of length {ids.shape[1]}, "
-                         f"got {prompt_len}")
-    logits = model(ids[:, :-1])[0].float()                               # (B, T-1, V)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
-    return torch.exp(-logp[:, prompt_len - 1:].mean(dim=1))
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (default 95 %) for a fraction successes / n: (low, high).
+    Unlike p +- z * sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at 0 or n successes."""
+    n = _number("n", n, 1, integer=True)
+    k = _number("successes", successes, 0, n, integer=True)
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the playground: one prompt, several knob settings, samples side by side with their metrics
 
 def describe(knobs: dict) -> str:
-    """A short label for a knob setting, e.g. 'T=0.7 top_p=0.9' or 'greedy'."""
-    if knobs.get("greedy"):
-        return "greedy"
-    parts = [f"T={knobs.get('temperature', 1.0):g}"]
-    parts += [f"{k}={knobs[k]:g}" for k in ("top_k", "top_p", "min_p", "repetition_penalty") if knobs.get(k) is not None]
-    return " ".join(parts)
+    """A short label for a knob setting, e.g. 'T=0.7 top_p=0.9', 'greedy' or 'greedy repetition_penalty=1.3'."""
+    parts = ["greedy"] if knobs.get("greedy") else [f"T={knobs.get('temperature', 1.0):g}"]
+    shown = ("repetition_penalty",) if knobs.get("greedy") else KNOBS[1:]
+    return " ".join(parts + [f"{k}={knobs[k]:g}" for k in shown if knobs.get(k) is not None])
 
 
 def playground(model, tokenizer, prompt: str, settings: list[dict], *, max_new_tokens: int = 48,
@@ -367,20 +396,19 @@ def playground(model, tokenizer, prompt: str, settings: list[dict], *, max_new_t
     import pandas as pd
 
     if not isinstance(settings, (list, tuple)) or not settings or not all(isinstance(s, dict) for s in settings):
-        raise TypeError("settings must be a non-empty list of dicts of sample() keyword arguments")
+        raise TypeError(f"settings must be a non-empty list of dicts of sample() keyword arguments, got {settings!r}")
     prompt_ids = torch.tensor([tokenizer.encode(prompt)] * n_samples, dtype=torch.long)   # (n, T0)
     rows = []
     for knobs in settings:
-        g = torch.Generator().manual_seed(seed)
-        ids, ent = generate(model, prompt_ids, max_new_tokens, generator=g, **knobs)
-        new = ids[:, prompt_ids.shape[1]:]
+        pick = Sampler(generator=torch.Generator().manual_seed(seed), **knobs)
+        new = decode(model, prompt_ids, max_new_tokens, pick)[:, prompt_ids.shape[1]:]
         rows.append({
             "setting": describe(knobs),
             "sample": tokenizer.decode(new[0].tolist()),
-            "entropy": round(ent.mean().item(), 2),
+            "entropy": round(pick.step_entropy().mean().item(), 2),
             "distinct-2": round(distinct_n(new, 2), 2),
             "repeat-4": round(repetition_rate(new, 4), 2),
-            "ppl": round(perplexity(model, ids, prompt_ids.shape[1]).mean().item(), 1),
+            "ppl": round(pick.step_logprob().mean().neg().exp().item(), 1),
         })
     return pd.DataFrame(rows).set_index("setting")
 

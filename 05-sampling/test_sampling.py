@@ -9,6 +9,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper, TopPLogitsWarper)
 
 import sampling as S
+from shared.model import decode
 
 torch.set_num_threads(1)   # tiny tensors: one thread is as fast, and immune to OpenMP stalls on a busy 2-core box
 
@@ -197,6 +198,39 @@ def test_generate_and_perplexity_on_a_bigram():
     # same seed, same draws
     again, _ = S.generate(m, prompt, 20, generator=torch.Generator().manual_seed(0), temperature=1.0)
     assert torch.equal(ids, again)
+    # the Sampler's recorded log-probs are the model's plain ones: its perplexity is S.perplexity's
+    pick = S.Sampler(generator=torch.Generator().manual_seed(0), temperature=0.7, top_k=3)
+    ids = decode(m, prompt, 20, pick)                                    # a Bigram is no GPT: no cache
+    torch.testing.assert_close(pick.step_logprob().mean(1).neg().exp(), S.perplexity(m, ids, 1))
+    assert S.generate(m, prompt, 0)[1].shape == (3, 0)
+
+
+def test_perplexity_stops_at_the_first_stop_id():
+    m = Bigram()
+    ids = torch.tensor([[0, 1, 2, 3, 2, 4], [0, 1, 1, 1, 1, 1]])
+    logp = torch.log_softmax(m.table, -1)[ids[:, :-1], ids[:, 1:]]     # (2, 5)
+    cut = S.perplexity(m, ids, 1, stop_id=3)                             # row 0 counts tokens 1..3 only
+    torch.testing.assert_close(cut[0], torch.exp(-logp[0, :3].mean()))
+    torch.testing.assert_close(cut[1], torch.exp(-logp[1].mean()))      # no stop: the whole row
+    assert S.stop_mask(ids, 2).tolist() == [[True, True, True, False, False, False], [True] * 6]
+
+
+def test_wilson_by_hand():
+    lo, hi = S.wilson(5, 10)
+    assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4
+    assert S.wilson(0, 10) == (0.0, pytest.approx(1.96 ** 2 / (10 + 1.96 ** 2)))
+    assert S.wilson(10, 10)[1] == 1.0 and S.wilson(10, 10)[0] == pytest.approx(10 / (10 + 1.96 ** 2))
+    with pytest.raises(ValueError, match="successes"):
+        S.wilson(11, 10)
+    with pytest.raises(TypeError, match="n must"):
+        S.wilson(1, 10.0)
+
+
+def test_describe_keeps_every_knob_that_acts():
+    assert S.describe(dict(greedy=True)) == "greedy"
+    assert S.describe(dict(greedy=True, repetition_penalty=1.3)) == "greedy repetition_penalty=1.3"
+    assert S.describe(dict(temperature=0.7, top_p=0.9)) == "T=0.7 top_p=0.9"
+    assert S.describe(dict(temperature=1.0, top_k=5, repetition_penalty=1.2)) == "T=1 top_k=5 repetition_penalty=1.2"
 
 
 # --- bad arguments ----------------------------------------------------------------------------------------
@@ -227,6 +261,12 @@ def test_generate_and_perplexity_on_a_bigram():
     (lambda x: S.entropy(torch.tensor([0.0, float("nan")])), ValueError, "NaN"),
     (lambda x: S.distinct_n([1, 2, 3], 0), ValueError, "n must"),
     (lambda x: S.perplexity(Bigram(), torch.zeros(1, 4, dtype=torch.long), 4), ValueError, "prompt_len"),
+    (lambda x: S.perplexity(Bigram(), torch.zeros(1, 4), 1), TypeError, "ids"),
+    (lambda x: S.Sampler(temprature=0.5), TypeError, "unknown knob"),
+    (lambda x: S.Sampler(top_p=0), ValueError, "top_p"),
+    (lambda x: S.Sampler(greedy=True, top_k=2.5), TypeError, "top_k"),
+    (lambda x: S.Sampler(greedy=True, temperature=-1), ValueError, "temperature"),
+    (lambda x: S.repetition_rate([1, 2, 3], 1.5), TypeError, "n must"),
 ])
 def test_bad_arguments_raise(call, exc, words):
     with pytest.raises(exc, match=words):
@@ -263,3 +303,7 @@ def test_generate_bad_arguments():
         S.generate(m, torch.zeros(1, 0, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         S.generate(m, torch.zeros(1, 1, dtype=torch.long), -1)
+    with pytest.raises(TypeError, match="prompt_ids"):
+        S.generate(m, [[0, 1]], 2)
+    with pytest.raises(TypeError, match="use_cache"):                  # decode caches only a shared GPT
+        S.generate(m, torch.zeros(1, 1, dtype=torch.long), 2, use_cache=True)
