@@ -49,9 +49,11 @@ def _check_str(value, name: str) -> str:
     return value
 
 
-def _check_int(value, name: str) -> int:
+def _check_int(value, name: str, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
@@ -286,7 +288,7 @@ def brute_force_merges(text: str, n_merges: int, pattern: str | None = CL100K_PA
     correct, same tie rule (highest count, then the smallest (left, right) pair). `train` must equal it."""
     words = [list(chunk.encode("utf-8")) for chunk in pre_split(text, _check_pattern(pattern))]
     merges: list[tuple[int, int]] = []
-    for k in range(_check_int(n_merges, "n_merges")):
+    for k in range(_check_int(n_merges, "n_merges", minimum=0)):
         counts = Counter(pair for w in words for pair in zip(w, w[1:]))
         if not counts:
             break

@@ -137,6 +137,8 @@ def test_brute_force_reference_by_hand():
     assert bpe.brute_force_merges("ab", 5, pattern=None) == [(97, 98)]  # stops when no pair is left
     with pytest.raises(TypeError, match="n_merges must be an int, got float"):
         bpe.brute_force_merges("ab", 2.0)
+    with pytest.raises(ValueError, match="n_merges must be >= 0, got -1"):
+        bpe.brute_force_merges("ab", -1)
 
 
 def test_clear_cache_keeps_ids(small_trained):
