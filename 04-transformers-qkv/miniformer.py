@@ -15,7 +15,12 @@ Module names follow ``shared.model.GPT`` (``tok_emb``, ``pos_emb``, ``blocks[i].
 ``q_proj k_proj v_proj o_proj``, ``up_proj down_proj``, ``norm``, ``lm_head``) so a GPT's state dict loads
 into a MiniFormer configured alike (see ``load_from_gpt``).
 
-Shapes: B batch, T time (sequence length), C = d_model channels, H heads, D = C // H head size, V vocabulary.
+Shapes (the legend of ``shared.model``): B batch, T time (tokens), C = d_model, H heads, D = head_dim = C // H,
+V vocabulary.
+
+Mask convention (as in ``03/attention.py`` and ``F.scaled_dot_product_attention``): a boolean mask is True where a
+query MAY attend to a key. Only PyTorch's ``nn.TransformerEncoderLayer`` wants the opposite (True = masked); the
+conversion is written out where that layer is called.
 """
 from __future__ import annotations
 
@@ -26,10 +31,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shared.train import train
+
 NORMS = ("layer", "rms", "none")
 PLACEMENTS = ("pre", "post")
 QKV_VARIANTS = ("full", "tied_qk", "identity_v", "frozen_qk", "no_o")
 
+
+# ----------------------------------------------------------------------------------------------------------
+# argument checks, gathered here so that the classes below read as the math (TypeError: wrong type,
+# ValueError: wrong value; every message names the argument, what was given and what is allowed)
 
 def _check_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -38,9 +49,45 @@ def _check_int(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_config(cfg: "MiniConfig") -> None:
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff"):
+        _check_int(name, getattr(cfg, name))
+    if cfg.d_model % cfg.n_head:
+        raise ValueError(f"d_model must be divisible by n_head, got d_model={cfg.d_model}, n_head={cfg.n_head}")
+    _check_choice("norm", cfg.norm, NORMS)
+    _check_choice("placement", cfg.placement, PLACEMENTS)
+    _check_choice("qkv", cfg.qkv, QKV_VARIANTS)
+    if not isinstance(cfg.residual, bool):
+        raise TypeError(f"residual must be a bool, got {type(cfg.residual).__name__}")
+    _check_positive("init_std", cfg.init_std)
+
+
+def _check_idx(cfg: "MiniConfig", idx, targets=None) -> None:
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long:
+        raise TypeError(f"idx must be a torch.long tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"idx must have shape (B, T) with T >= 1, got {tuple(idx.shape)}")
+    if idx.shape[1] > cfg.block_size:
+        raise ValueError(f"idx has T={idx.shape[1]} tokens, more than block_size={cfg.block_size}")
+    if idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
+        raise ValueError(f"idx values must lie in [0, {cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
+    if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape):
+        raise ValueError(f"targets must be a tensor of shape {tuple(idx.shape)}, got {getattr(targets, 'shape', targets)}")
+
+
+def _check_type(name: str, value, cls: type) -> None:
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
 
 
 @dataclass
@@ -48,8 +95,9 @@ class MiniConfig:
     """Hyper-parameters of a MiniFormer (defaults: the tiny size the notebook trains).
 
     qkv: "full" (standard attention), "tied_qk" (K uses Q's matrix: symmetric scores), "identity_v"
-    (V = x, no value projection), "frozen_qk" (Q and K stay at their random init), "no_o" (no output
-    projection: heads are concatenated straight into the residual stream).
+    (W_V = I: head h's value is the fixed slice x[..., h*D:(h+1)*D] of the block's input; W_O still mixes),
+    "frozen_qk" (Q and K stay at their random init), "no_o" (W_O = I: head h writes straight into channels
+    h*D:(h+1)*D of the residual stream).
     """
     vocab_size: int
     block_size: int = 64
@@ -66,20 +114,9 @@ class MiniConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
-            _check_int(name, getattr(self, name))
-        if self.d_ff is None:
+        if self.d_ff is None and isinstance(self.d_model, int):
             self.d_ff = 4 * self.d_model
-        _check_int("d_ff", self.d_ff)
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model must be divisible by n_head, got d_model={self.d_model}, n_head={self.n_head}")
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("placement", self.placement, PLACEMENTS)
-        _check_choice("qkv", self.qkv, QKV_VARIANTS)
-        if not isinstance(self.residual, bool):
-            raise TypeError(f"residual must be a bool, got {type(self.residual).__name__}")
-        if not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
-            raise ValueError(f"init_std must be a positive number, got {self.init_std!r}")
+        _check_config(self)
 
     @property
     def head_dim(self) -> int:
@@ -98,8 +135,9 @@ def make_norm(cfg: MiniConfig) -> nn.Module:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention written out: (B, T, C) -> (B, T, C).
 
-    q = x Wq, k = x Wk, v = x Wv, each split into H heads of size D; scores = q k^T / sqrt(D) with the
-    future masked to -inf; weights = softmax(scores) (B, H, T, T); out = (weights v) concatenated, then Wo.
+    q = x Wq, k = x Wk, v = x Wv (B, T, C), each split into H heads of size D; scores = q k^T / sqrt(D)
+    (B, H, T, T), -inf where ``causal_mask`` forbids (the future); weights = softmax(scores);
+    out = (weights v) (B, H, T, D), heads concatenated back to (B, T, C), then Wo.
     """
 
     def __init__(self, cfg: MiniConfig):
@@ -109,7 +147,8 @@ class CausalSelfAttention(nn.Module):
         self.q_proj = nn.Linear(C, C, bias=cfg.bias)
         # tied_qk: K *is* Q's matrix, so score(i, j) = q_i . q_j is symmetric in i and j.
         self.k_proj = self.q_proj if cfg.qkv == "tied_qk" else nn.Linear(C, C, bias=cfg.bias)
-        # identity_v: the value of a token is its own residual vector, no learned "what to send".
+        # identity_v: no learned "what to send": head h's value is the fixed channel slice h*D:(h+1)*D of the
+        # block's input (W_O below still mixes the heads' outputs).
         self.v_proj = nn.Identity() if cfg.qkv == "identity_v" else nn.Linear(C, C, bias=cfg.bias)
         # no_o: heads are written back without the mixing matrix Wo.
         self.o_proj = nn.Identity() if cfg.qkv == "no_o" else nn.Linear(C, C, bias=cfg.bias)
@@ -127,8 +166,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)           # (B, H, T, T)
-        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-        weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)  # rows sum to 1
+        allowed = causal_mask(T, device=x.device)                              # (T, T) True = may attend
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # rows sum to 1
         out = (weights @ v).transpose(1, 2).reshape(B, T, C)                  # (B, T, C) heads concatenated
         out = self.o_proj(out)
         return (out, weights) if return_weights else out
@@ -180,8 +219,7 @@ class MiniFormer(nn.Module):
 
     def __init__(self, cfg: MiniConfig):
         super().__init__()
-        if not isinstance(cfg, MiniConfig):
-            raise TypeError(f"cfg must be a MiniConfig, got {type(cfg).__name__}")
+        _check_type("cfg", cfg, MiniConfig)
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
@@ -204,21 +242,9 @@ class MiniFormer(nn.Module):
         """Distinct parameters (a tied matrix counted once), trainable or not."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
-    def _check_idx(self, idx, targets=None) -> None:
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long:
-            raise TypeError(f"idx must be a torch.long tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
-        if idx.dim() != 2 or idx.shape[1] == 0:
-            raise ValueError(f"idx must have shape (B, T) with T >= 1, got {tuple(idx.shape)}")
-        if idx.shape[1] > self.cfg.block_size:
-            raise ValueError(f"idx has T={idx.shape[1]} tokens, more than block_size={self.cfg.block_size}")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
-            raise ValueError(f"idx values must lie in [0, {self.cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
-        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape):
-            raise ValueError(f"targets must be a tensor of shape {tuple(idx.shape)}, got {getattr(targets, 'shape', targets)}")
-
     def residual_stream(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """The hidden state after the embeddings and after every block: n_layer + 1 tensors (B, T, C)."""
-        self._check_idx(idx)
+        _check_idx(self.cfg, idx)
         T = idx.shape[1]
         x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))  # (B, T, C)
         states = [x]
@@ -229,7 +255,7 @@ class MiniFormer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, T) long -> (logits (B, T, V), loss: mean cross-entropy in nats/token or None)."""
-        self._check_idx(idx, targets)
+        _check_idx(self.cfg, idx, targets)
         x = self.norm(self.residual_stream(idx)[-1])
         logits = self.lm_head(x)                                                # (B, T, V)
         loss = None
@@ -255,8 +281,7 @@ def load_from_gpt(mini: MiniFormer, gpt: nn.Module) -> MiniFormer:
 
     Raises ValueError naming the missing / unexpected keys or mismatched shapes if the two are not built alike.
     """
-    if not isinstance(mini, MiniFormer):
-        raise TypeError(f"mini must be a MiniFormer, got {type(mini).__name__}")
+    _check_type("mini", mini, MiniFormer)
     source = {k: v for k, v in gpt.state_dict().items()}
     target = mini.state_dict()
     missing = sorted(set(target) - set(source))
@@ -293,34 +318,26 @@ def grad_norms_on_batch(model: MiniFormer, x: torch.Tensor, y: torch.Tensor) -> 
 
 def overfit_one_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 200,
                       lr: float = 3e-3) -> list[float]:
-    """Train on the single batch (x, y) (B, T) with Adam for ``steps``; returns the loss of every step.
+    """Train on the single batch (x, y) (B, T) for ``steps``; returns the loss of every step (nats/token).
 
-    An end-to-end sanity check: a working model memorises one batch, so the loss must go to ~0.
+    An end-to-end sanity check: a working model memorises one batch, so the loss must go to ~0. Plain Adam
+    (constant lr, no warm-up, no weight decay, no clipping) through the repo's one training loop.
     """
     _check_int("steps", steps)
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+    _check_positive("lr", lr)
+    hist = train(model, lambda g: (x, y), steps=steps, lr=lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0,
+                 grad_clip=None, betas=(0.9, 0.999), batch_size=x.shape[0], seq_len=x.shape[-1], progress=False)
+    return hist.train_loss
 
 
 def torch_reference_block(block: Block) -> nn.TransformerEncoderLayer:
     """PyTorch's own ``nn.TransformerEncoderLayer`` carrying ``block``'s weights: the trusted reference.
 
-    ``norm_first=True`` is pre-norm, ``False`` post-norm; call it with a causal ``src_mask`` (T, T) bool
-    (True = masked) and ``is_causal=True``. Only for the standard block (LayerNorm, residual, qkv="full").
+    ``norm_first=True`` is pre-norm, ``False`` post-norm. Call it with ``src_mask=~causal_mask(T)`` and
+    ``is_causal=True``: this layer's boolean mask means the opposite of ours (True = masked), hence the ``~``.
+    Only for the standard block (LayerNorm, residual, qkv="full").
     """
-    if not isinstance(block, Block):
-        raise TypeError(f"block must be a Block, got {type(block).__name__}")
+    _check_type("block", block, Block)
     attn, mlp = block.attn, block.mlp
     if attn.variant != "full" or not block.residual or not isinstance(block.norm1, nn.LayerNorm):
         raise ValueError("torch_reference_block needs a standard block: qkv='full', residual=True, norm='layer'")
@@ -346,7 +363,11 @@ def torch_reference_block(block: Block) -> nn.TransformerEncoderLayer:
     return ref.eval()
 
 
-def causal_mask(T: int) -> torch.Tensor:
-    """(T, T) bool mask, True above the diagonal (the future a token may not see)."""
+def causal_mask(T: int, device=None) -> torch.Tensor:
+    """(T, T) bool mask, True where query i may attend to key j (j <= i): the past and itself, not the future.
+
+    >>> causal_mask(3).int().tolist()
+    [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    """
     _check_int("T", T)
-    return torch.ones(T, T, dtype=torch.bool).triu(1)
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()

@@ -44,7 +44,8 @@ def test_block_matches_torch_transformer_encoder_layer(placement, bias):
     ref = torch_reference_block(block)
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
-        torch.testing.assert_close(block(x), ref(x, src_mask=causal_mask(9), is_causal=True), **TOL)
+        # nn.TransformerEncoderLayer's bool mask is True = masked: the opposite of ours, hence ~
+        torch.testing.assert_close(block(x), ref(x, src_mask=~causal_mask(9), is_causal=True), **TOL)
 
 
 def _gpt_alike(n_layer, seed):
@@ -76,6 +77,36 @@ def test_load_from_gpt_rejects_a_model_built_differently():
         load_from_gpt(MiniFormer(tiny(n_layer=3, d_ff=128)), gpt)
     with pytest.raises(TypeError, match="mini must be a MiniFormer"):
         load_from_gpt(gpt, gpt)
+
+
+def test_causal_mask_means_may_attend_like_sdpa():
+    # SDPA's bool attn_mask is True = may attend: our mask must give is_causal's result when passed as it
+    assert causal_mask(3).int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    q, k, v = torch.randn(3, 1, 2, 5, 4).unbind(0)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(5)),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True), **TOL)
+    with pytest.raises(ValueError, match="T must be >= 1"):
+        causal_mask(0)
+
+
+def test_overfit_one_batch_is_plain_adam():
+    # the shared loop with warmup=0, min_lr_ratio=1, no decay, no clipping, betas (0.9, 0.999) is torch's Adam
+    torch.manual_seed(0)
+    a = MiniFormer(tiny(n_layer=1))
+    b = MiniFormer(tiny(n_layer=1))
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    y = x.roll(-1, 1)
+    losses = overfit_one_batch(a, x, y, steps=5, lr=1e-2)
+    opt = torch.optim.Adam(b.parameters(), lr=1e-2)
+    ref = []
+    for _ in range(5):
+        loss = b(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref.append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- invariants
@@ -112,7 +143,7 @@ def test_attention_maps_are_causal_distributions():
     assert len(maps) == 2 and maps[0].shape == (2, 4, 10, 10)
     for w in maps:
         torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 10), rtol=0, atol=1e-6)
-        assert w.masked_select(causal_mask(10)).abs().max() == 0
+        assert w.masked_select(~causal_mask(10)).abs().max() == 0     # no weight where attending is not allowed
 
 
 @pytest.mark.parametrize("placement", ["pre", "post"])
