@@ -1,18 +1,21 @@
 """Positional information for attention, from scratch: sinusoidal, learned, RoPE, ALiBi and none.
 
-Shapes: B batch, H heads, T sequence length, D model width, hd head width (D = H * hd).
+Shapes use the legend of ``shared/model.py``: B batch, T tokens, C = d_model, H heads, D = head_dim (C = H * D),
+V vocabulary.
 
 Two families:
   * absolute, added to the token embeddings before the first block:
-      ``sinusoidal_table(T, D)`` (fixed) and ``LearnedPositions(max_len, D)`` (trained) -> (T, D)
+      ``sinusoidal_table(T, d_model)`` (fixed) and ``LearnedPositions(max_len, d_model)`` (trained) -> (T, C)
   * relative, applied inside every attention layer:
       RoPE rotates q and k by position-dependent angles (``rope_cos_sin`` + ``apply_rope``), so the score
-      q(m)·k(n) depends only on m - n; ALiBi adds ``-slope_h * (m - n)`` to the scores (``alibi_bias``).
+      q(m)·k(n) depends only on m - n; ALiBi adds ``-slope_h * |m - n|`` to the scores (``alibi_bias``).
   * "none" (NoPE): nothing at all; only a causal mask can leak position.
 
 ``attention(q, k, v, scheme=...)`` is the explicit softmax attention with each relative scheme plugged in.
-The rest are the small tasks and metrics the notebook uses to break things (first-token task,
-permutation check, similarity-by-distance).
+The references the notebook and the tests both compare with live here once: ``alibi_slopes_paper`` (the ALiBi
+paper's code) and ``hf_llama_rope`` (transformers' Llama rotary embedding). The rest are the small task and
+metrics the notebook uses to break things (first-token task and its blind-model bounds, permutation gap,
+similarity by distance, principal components, loss by position).
 """
 
 from __future__ import annotations
@@ -27,62 +30,67 @@ SCHEMES = ("sinusoidal", "learned", "rope", "alibi", "none")
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
+def _ints(**named) -> None:
+    """Every named value must be a positive int (TypeError for a non-int, ValueError for <= 0)."""
+    for name, value in named.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+        if value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value}")
 
 
-def _check_even(name: str, value) -> int:
-    _check_positive_int(name, value)
+def _even(name: str, value) -> None:
+    _ints(**{name: value})
     if value % 2:
-        raise ValueError(f"{name} must be even (dimensions are used in (sin, cos) / rotation pairs), got {value}")
-    return value
+        raise ValueError(f"{name} must be even (dimensions come in (sin, cos) / rotation pairs), got {value}")
 
 
-def _check_theta(theta) -> float:
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 1:
+def _theta(theta) -> float:
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 1:
         raise ValueError(f"theta (the frequency base) must be a number > 1, got {theta!r}")
     return float(theta)
 
 
-# ------------------------------------------------------------------------------------------------ absolute
-def sinusoidal_table(T: int, d: int, base: float = 10000.0) -> torch.Tensor:
-    """The fixed table of "Attention Is All You Need": returns (T, d) float32.
+def _tensor(name: str, x, dims: int | None = None, min_rows: int = 0) -> None:
+    """x must be a tensor (TypeError) with `dims` dimensions and at least `min_rows` rows (ValueError)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if (dims is not None and x.dim() != dims) or (x.dim() and x.shape[0] < min_rows):
+        raise ValueError(f"{name} must be a {dims}-D tensor with at least {min_rows} rows, got shape {tuple(x.shape)}")
 
-    PE[p, 2i] = sin(p / base^(2i/d)),  PE[p, 2i+1] = cos(p / base^(2i/d)),  i = 0 .. d/2 - 1.
-    Pair i is a clock turning at angular speed base^(-2i/d) rad/position: fast clocks at low i, slow at high i.
+
+# ------------------------------------------------------------------------------------------------ absolute
+def sinusoidal_table(T: int, d_model: int, base: float = 10000.0) -> torch.Tensor:
+    """The fixed table of "Attention Is All You Need": returns (T, C) float32.
+
+    PE[p, 2i] = sin(p / base^(2i/C)),  PE[p, 2i+1] = cos(p / base^(2i/C)),  i = 0 .. C/2 - 1.
+    Pair i is a clock turning at angular speed base^(-2i/C) rad/position: fast clocks at low i, slow at high i.
     """
-    _check_positive_int("T", T)
-    _check_even("d", d)
-    base = _check_theta(base)
-    pos = torch.arange(T, dtype=torch.float64)[:, None]                       # (T, 1)
-    inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)      # (d/2,)
-    angle = pos * inv_freq                                                    # (T, d/2)
-    table = torch.empty(T, d, dtype=torch.float64)
-    table[:, 0::2] = angle.sin()
-    table[:, 1::2] = angle.cos()
-    return table.float()
+    _ints(T=T)
+    _even("d_model", d_model)
+    base = _theta(base)
+    pos = torch.arange(T, dtype=torch.float64)[:, None]                              # (T, 1)
+    inv_freq = base ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)   # (C/2,)
+    angle = pos * inv_freq                                                           # (T, C/2)
+    table = torch.stack([angle.sin(), angle.cos()], dim=-1)                          # (T, C/2, 2): sin, cos
+    return table.flatten(1).float()                                                  # (T, C) interleaved
 
 
 class LearnedPositions(nn.Module):
-    """A trained table of absolute positions (GPT-2 style): ``forward(T) -> (T, d)``.
+    """A trained table of absolute positions (GPT-2 style): ``forward(T) -> (T, C)``.
 
     It knows only the ``max_len`` rows it was built with; asking for more raises ValueError, which is the
     learned table's hard failure at length extrapolation.
     """
 
-    def __init__(self, max_len: int, d: int, init_std: float = 0.02):
+    def __init__(self, max_len: int, d_model: int, init_std: float = 0.02):
         super().__init__()
-        _check_positive_int("max_len", max_len)
-        _check_positive_int("d", d)
-        self.table = nn.Parameter(torch.randn(max_len, d) * init_std)          # (max_len, d)
+        _ints(max_len=max_len, d_model=d_model)
+        self.table = nn.Parameter(torch.randn(max_len, d_model) * init_std)      # (max_len, C)
 
     def forward(self, T: int) -> torch.Tensor:
-        _check_positive_int("T", T)
-        if T > self.table.shape[0]:
+        _ints(T=T)
+        if T > self.table.shape[0]:        # the lesson: no row for a position never built
             raise ValueError(f"T={T} exceeds the learned table's max_len={self.table.shape[0]}: "
                              "a learned table has no rows for unseen positions")
         return self.table[:T]
@@ -91,30 +99,28 @@ class LearnedPositions(nn.Module):
 # ---------------------------------------------------------------------------------------------------- RoPE
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the RoPE angles, each (T, head_dim), in the rotate-half layout used by HF Llama.
+    """cos and sin of the RoPE angles, each (T, D), in the rotate-half layout used by HF Llama.
 
-    positions: 1-D (T,) integer or float tensor. Pair i is (dim i, dim i + head_dim/2), rotated by the angle
-    positions * theta^(-2i/head_dim). Angles are computed in float64, then cast to ``dtype``.
+    positions: 1-D (T,) integer or float tensor. Pair i is (dim i, dim i + D/2), rotated by the angle
+    positions * theta^(-2i/D). Angles are computed in float64, then cast to ``dtype``.
     """
-    _check_even("head_dim", head_dim)
-    theta = _check_theta(theta)
-    if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
-        raise ValueError(f"positions must be a 1-D tensor (T,), got "
-                         f"{tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__}")
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)   # (hd/2,)
-    angle = positions.to(torch.float64)[:, None] * inv_freq                              # (T, hd/2)
-    angle = torch.cat([angle, angle], dim=-1)                                            # (T, hd)
+    _even("head_dim", head_dim)
+    theta = _theta(theta)
+    _tensor("positions", positions, dims=1)
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)   # (D/2,)
+    angle = positions.to(torch.float64)[:, None] * inv_freq                              # (T, D/2)
+    angle = torch.cat([angle, angle], dim=-1)                                            # (T, D)
     return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(..., hd) -> (..., hd): (x1, x2) -> (-x2, x1), i.e. a +90 degree turn of every pair (x1[i], x2[i])."""
+    """(..., D) -> (..., D): (x1, x2) -> (-x2, x1), i.e. a +90 degree turn of every pair (x1[i], x2[i])."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair of x by its position's angle: x (..., T, hd), cos/sin (T, hd) -> (..., T, hd).
+    """Rotate each pair of x by its position's angle: x (..., T, D), cos/sin (T, D) -> (..., T, D).
 
     Per pair (a, b) at angle phi: (a cos phi - b sin phi, b cos phi + a sin phi), a plain 2-D rotation.
     """
@@ -128,7 +134,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def rope_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                 theta: float = 10000.0) -> torch.Tensor:
-    """Dot products of RoPE-rotated vectors: q (N, hd) at q_pos (N,), k (N, hd) at k_pos (N,) -> (N,).
+    """Dot products of RoPE-rotated vectors: q (N, D) at q_pos (N,), k (N, D) at k_pos (N,) -> (N,).
 
     Used to check RoPE's defining property: the score depends on q_pos - k_pos only.
     """
@@ -139,15 +145,32 @@ def rope_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: to
     return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum(-1)
 
 
+def hf_llama_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                  theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: transformers' ``LlamaRotaryEmbedding`` + ``apply_rotary_pos_emb`` on q, k (B, H, T, D).
+
+    positions (T,). HF builds its angles in float32 (error ~ position * 6e-8 rad), ours in float64.
+    """
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    B, H, T, D = q.shape
+    config = LlamaConfig(hidden_size=H * D, num_attention_heads=H, head_dim=D,
+                         max_position_embeddings=int(positions.max()) + 1,
+                         rope_parameters={"rope_type": "default", "rope_theta": float(theta)})
+    cos, sin = LlamaRotaryEmbedding(config)(q, positions[None].expand(B, T))
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
 # --------------------------------------------------------------------------------------------------- ALiBi
 def alibi_slopes(n_head: int) -> torch.Tensor:
-    """The ALiBi paper's per-head slopes, (n_head,) float32.
+    """The ALiBi per-head slopes, (H,) float32, from their closed form.
 
-    For n a power of two: the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8). Otherwise take the
-    2^floor(log2 n) slopes of the nearest smaller power of two, then fill with every other slope of the next
-    power of two (Press et al. 2022, their reference code).
+    For H a power of two: the geometric sequence 2^(-8/H), 2^(-16/H), ..., 2^(-8). Otherwise take the
+    2^floor(log2 H) slopes of the nearest smaller power of two, then fill with every other slope of the next
+    power of two (Press et al. 2022; ``alibi_slopes_paper`` is their code).
     """
-    _check_positive_int("n_head", n_head)
+    _ints(n_head=n_head)
 
     def geometric(n: int) -> list[float]:
         return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
@@ -160,12 +183,24 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+def alibi_slopes_paper(n: int) -> list[float]:
+    """The reference: ``get_slopes`` of github.com/ofirpress/attention_with_linear_biases, transcribed."""
+    def get_slopes_power_of_2(n):
+        start = 2 ** (-2 ** -(math.log2(n) - 3))
+        return [start * start ** i for i in range(n)]
+
+    if math.log2(n).is_integer():
+        return get_slopes_power_of_2(n)
+    closest = 2 ** math.floor(math.log2(n))
+    return get_slopes_power_of_2(closest) + alibi_slopes_paper(2 * closest)[0::2][: n - closest]
+
+
 def alibi_bias(n_head: int, T: int, causal: bool = True) -> torch.Tensor:
-    """Additive attention bias (n_head, T, T): bias[h, m, n] = -slope_h * |m - n|.
+    """Additive attention bias (H, T, T): bias[h, m, n] = -slope_h * |m - n|.
 
     causal=True also puts -inf above the diagonal (n > m), so the result is the full mask+bias.
     """
-    _check_positive_int("T", T)
+    _ints(T=T)
     slopes = alibi_slopes(n_head)                                              # (H,)
     pos = torch.arange(T)
     distance = (pos[:, None] - pos[None, :]).abs().float()                     # (T, T)
@@ -178,62 +213,115 @@ def alibi_bias(n_head: int, T: int, causal: bool = True) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ attention
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: str = "none",
               causal: bool = True, theta: float = 10000.0, return_weights: bool = False):
-    """Explicit softmax attention with a relative scheme inside: q, k, v (B, H, T, hd) -> (B, H, T, hd).
+    """Explicit softmax attention with a relative scheme inside: q, k, v (B, H, T, D) -> (B, H, T, D).
 
     scheme "rope" rotates q and k; "alibi" adds the per-head distance bias; "none", "sinusoidal" and
     "learned" add nothing here (absolute schemes act on the embeddings, before attention).
     return_weights=True also returns the (B, H, T, T) softmax weights.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
-    if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(f"q, k, v must share one (B, H, T, hd) shape, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, H, T, hd = q.shape
+    _check_attention(q, k, v, scheme)
+    B, H, T, D = q.shape
     if scheme == "rope":
-        cos, sin = rope_cos_sin(torch.arange(T), hd, theta, q.dtype)
+        cos, sin = rope_cos_sin(torch.arange(T), D, theta, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(hd)                            # (B, H, T, T)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)                             # (B, H, T, T)
     if scheme == "alibi":
         scores = scores + alibi_bias(H, T, causal=causal).to(q.dtype)           # mask included when causal
     elif causal:
         scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     weights = scores.softmax(dim=-1)
-    out = weights @ v                                                           # (B, H, T, hd)
+    out = weights @ v                                                           # (B, H, T, D)
     return (out, weights) if return_weights else out
+
+
+def _check_attention(q, k, v, scheme) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(f"q, k, v must share one (B, H, T, D) shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
 
 # ---------------------------------------------------------------------------------------- measure & break
 def similarity_by_distance(table: torch.Tensor) -> torch.Tensor:
     """Mean cosine similarity between position vectors m and n as a function of |m - n|.
 
-    table (T, d) -> (T,), entry k averages cos(table[m], table[m + k]) over all m. Entry 0 is 1.
+    table (T, C) -> (T,), entry k averages cos(table[m], table[m + k]) over all m. Entry 0 is 1.
     """
-    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] < 1:
-        raise ValueError(f"table must be a (T, d) tensor with T >= 1, got "
-                         f"{tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__}")
+    _tensor("table", table, dims=2, min_rows=1)
     unit = F.normalize(table.double(), dim=-1)
     sim = unit @ unit.T                                                         # (T, T)
-    T = table.shape[0]
-    return torch.stack([sim.diagonal(k).mean() for k in range(T)]).float()
+    return torch.stack([sim.diagonal(k).mean() for k in range(table.shape[0])]).float()
+
+
+def principal_components(vectors: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project N vectors (N, C) on their first k principal axes: returns coords (N, k) and the fraction of
+    the variance each axis explains (k,). Centred, float64 SVD; a constant set has zero variance (fractions 0).
+    """
+    _tensor("vectors", vectors, dims=2, min_rows=1)
+    _ints(k=k)
+    centred = vectors.double() - vectors.double().mean(0)
+    U, S, _ = torch.linalg.svd(centred, full_matrices=False)                    # centred = U diag(S) Vh
+    k_eff = min(k, S.numel())
+    coords = torch.zeros(vectors.shape[0], k, dtype=torch.float64)
+    coords[:, :k_eff] = U[:, :k_eff] * S[:k_eff]
+    total = S.pow(2).sum()
+    explained = torch.zeros(k, dtype=torch.float64)
+    if total > 0:
+        explained[:k_eff] = S[:k_eff].pow(2) / total
+    return coords, explained
 
 
 def first_token_task(n_seqs: int, seq_len: int, vocab_size: int,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """An order task: every position must output the sequence's FIRST token.
 
-    Returns x, y, each (n_seqs, seq_len) long. Tokens are distinct within a sequence (a random draw without
-    replacement), so a model blind to order can do no better than guess one of seq_len tokens: chance 1/seq_len.
+    Returns x, y, each (N, T) long. Tokens are distinct within a sequence (a random draw without replacement),
+    so the answer is found only by knowing which token came first (see ``first_token_bounds``).
     """
-    _check_positive_int("n_seqs", n_seqs)
-    _check_positive_int("seq_len", seq_len)
-    _check_positive_int("vocab_size", vocab_size)
+    _ints(n_seqs=n_seqs, seq_len=seq_len, vocab_size=vocab_size)
     if seq_len > vocab_size:
         raise ValueError(f"seq_len={seq_len} must be <= vocab_size={vocab_size} (tokens are distinct)")
     noise = torch.rand(n_seqs, vocab_size, generator=generator)
     x = noise.argsort(dim=-1)[:, :seq_len]                                      # (N, T) distinct tokens
     y = x[:, :1].expand(-1, seq_len).clone()                                    # (N, T) all = first token
     return x, y
+
+
+def first_token_batches(batch_size: int, seq_len: int, vocab_size: int):
+    """A batch maker for ``shared.train.train``: ``generator -> (x, y)``, (B, T) each, fresh every call.
+
+    Position 0 is left out of the loss (y[:, 0] = -100) for every model alike: a causal model sees only the
+    answer there.
+    """
+    _ints(batch_size=batch_size)
+    first_token_task(1, seq_len, vocab_size)                                    # validates the sizes once
+
+    def batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = first_token_task(batch_size, seq_len, vocab_size, generator)
+        y[:, 0] = -100
+        return x, y
+
+    return batch
+
+
+def first_token_bounds(seq_len: int) -> dict[str, dict[str, float]]:
+    """Best accuracy and loss (nats) over the scored positions 1..T-1 for models blind in two ways.
+
+    "order-blind" (permutation-equivariant: no positions, no mask): position t sees the set of tokens and its
+    own token, which is never the answer for t >= 1: best is uniform over the other T-1 tokens,
+    accuracy 1/(T-1), loss ln(T-1).
+    "direction-blind" (reversal-equivariant: symmetric ALiBi, no mask): position t of x and position T-1-t of
+    reversed x get the same output but have different answers (x_0 and x_{T-1}), so at most one of the two is
+    right (loss >= ln 2 each); only position T-1, whose mirror is the unscored position 0, can always be right.
+    That is T/2 right answers out of T-1: accuracy T/(2(T-1)) (8/15 for T = 16), loss (T-2)/(T-1) ln 2.
+    """
+    _ints(seq_len=seq_len)
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (position 0 is not scored), got {seq_len}")
+    T = seq_len
+    return {"order-blind": {"accuracy": 1 / (T - 1), "loss": math.log(T - 1)},
+            "direction-blind": {"accuracy": T / (2 * (T - 1)), "loss": (T - 2) / (T - 1) * math.log(2)}}
 
 
 def order_accuracy(logits: torch.Tensor, y: torch.Tensor, skip_first: bool = True) -> float:
@@ -254,65 +342,36 @@ def permutation_gap(fn, idx: torch.Tensor, perm: torch.Tensor) -> float:
 
     fn maps idx (B, T) to (B, T, ...); perm is a permutation of range(T).
     """
-    if idx.dim() != 2:
-        raise ValueError(f"idx must be (B, T), got shape {tuple(idx.shape)}")
+    _tensor("idx", idx, dims=2)
     T = idx.shape[1]
     if perm.dim() != 1 or not torch.equal(perm.sort().values, torch.arange(T)):
         raise ValueError(f"perm must be a permutation of range({T}), got {perm.tolist()}")
     return (fn(idx[:, perm]) - fn(idx)[:, perm]).abs().max().item()
 
 
-def fit_first_token(model: nn.Module, *, steps: int, seq_len: int, vocab_size: int, batch_size: int = 64,
-                    lr: float = 3e-3, seed: int = 0) -> list[float]:
-    """Train ``model`` (idx (B, T) -> (logits (B, T, V), ...)) on fresh first-token batches with AdamW.
-
-    Position 0 is left out of the loss (target -100) for every model alike. Returns the loss per step (nats).
-    """
-    _check_positive_int("steps", steps)
-    _check_positive_int("batch_size", batch_size)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        x, y = first_token_task(batch_size, seq_len, vocab_size, generator)
-        y[:, 0] = -100
-        logits = model(x)[0]                                                   # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
 @torch.no_grad()
 def loss_by_position(model: nn.Module, tokens: torch.Tensor, seq_len: int, n_windows: int = 64,
                      batch_size: int = 16, seed: int = 0) -> torch.Tensor:
-    """Mean next-token loss (nats) at each position of windows of ``seq_len`` tokens: returns (seq_len,).
+    """Mean next-token loss (nats) at each position of windows of ``seq_len`` tokens: returns (T,).
 
     tokens: 1-D stream. Windows start at seeded random offsets, so entry t is the loss with exactly t tokens
     of context; the mean of the first L entries is the loss of a model evaluated with windows of length L.
     model: idx (B, T) -> (logits (B, T, V), ...).
     """
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
-        raise ValueError(f"tokens must be a 1-D tensor, got shape {tuple(getattr(tokens, 'shape', ()))}")
-    _check_positive_int("seq_len", seq_len)
-    _check_positive_int("n_windows", n_windows)
-    _check_positive_int("batch_size", batch_size)
+    _tensor("tokens", tokens, dims=1)
+    _ints(seq_len=seq_len, n_windows=n_windows, batch_size=batch_size)
     if len(tokens) < seq_len + 1:
         raise ValueError(f"tokens has {len(tokens)} entries, need at least seq_len + 1 = {seq_len + 1}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(len(tokens) - seq_len, (n_windows,), generator=generator)
-    windows = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])   # (N, seq_len + 1)
+    windows = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])   # (N, T + 1)
     was_training = model.training
     model.eval()
     total = torch.zeros(seq_len, dtype=torch.float64)
     for i in range(0, n_windows, batch_size):
         x, y = windows[i:i + batch_size, :-1], windows[i:i + batch_size, 1:]
-        logits = model(x)[0]                                                    # (b, seq_len, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")      # (b, seq_len)
+        logits = model(x)[0]                                                    # (b, T, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")      # (b, T)
         total += nll.double().sum(0)
     model.train(was_training)
     return (total / n_windows).float()

@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from shared.train import train
 
 import positions as P
 
@@ -48,7 +47,7 @@ def test_sinusoidal_bad_base():
 # --------------------------------------------------------------------------------------------------- learned
 def test_learned_positions_shape_grad_and_limit():
     torch.manual_seed(0)
-    learned = P.LearnedPositions(max_len=16, d=8)
+    learned = P.LearnedPositions(max_len=16, d_model=8)
     out = learned(10)
     assert out.shape == (10, 8)
     out.sum().backward()
@@ -62,23 +61,14 @@ def test_learned_positions_shape_grad_and_limit():
 
 
 # ------------------------------------------------------------------------------------------------------ RoPE
-def hf_rope(q, k, theta=10000.0):
-    """The reference: transformers' Llama rotary embedding applied to q, k (B, H, T, hd)."""
-    B, H, T, hd = q.shape
-    config = LlamaConfig(hidden_size=H * hd, num_attention_heads=H, head_dim=hd, max_position_embeddings=4 * T,
-                         rope_parameters={"rope_type": "default", "rope_theta": theta})
-    rotary = LlamaRotaryEmbedding(config)
-    position_ids = torch.arange(T)[None].expand(B, T)
-    cos, sin = rotary(q, position_ids)
-    return apply_rotary_pos_emb(q, k, cos, sin)
-
-
-@pytest.mark.parametrize("hd, T, theta", [(8, 16, 10000.0), (32, 64, 10000.0), (16, 200, 500000.0)])
-def test_rope_matches_hf_llama(hd, T, theta):
+@pytest.mark.parametrize("D, T, start, theta", [(8, 16, 0, 10000.0), (32, 64, 0, 10000.0), (16, 200, 0, 500000.0),
+                                                (8, 10, 37, 10000.0)])
+def test_rope_matches_hf_llama(D, T, start, theta):
     torch.manual_seed(0)
-    q, k = torch.randn(2, 3, T, hd), torch.randn(2, 3, T, hd)
-    q_ref, k_ref = hf_rope(q, k, theta)
-    cos, sin = P.rope_cos_sin(torch.arange(T), hd, theta)
+    q, k = torch.randn(2, 3, T, D), torch.randn(2, 3, T, D)
+    positions = torch.arange(start, start + T)
+    q_ref, k_ref = P.hf_llama_rope(q, k, positions, theta)
+    cos, sin = P.rope_cos_sin(positions, D, theta)
     # HF builds angles in float32 (error ~ position * 6e-8 rad); ours in float64, so allow a few 1e-5.
     torch.testing.assert_close(P.apply_rope(q, cos, sin), q_ref, rtol=1e-5, atol=5e-5)
     torch.testing.assert_close(P.apply_rope(k, cos, sin), k_ref, rtol=1e-5, atol=5e-5)
@@ -86,22 +76,22 @@ def test_rope_matches_hf_llama(hd, T, theta):
 
 def test_rope_is_a_rotation_of_pairs():
     torch.manual_seed(1)
-    hd, T = 12, 9
-    x = torch.randn(T, hd, dtype=torch.float64)
-    cos, sin = P.rope_cos_sin(torch.arange(T), hd, dtype=torch.float64)
+    D, T = 12, 9
+    x = torch.randn(T, D, dtype=torch.float64)
+    cos, sin = P.rope_cos_sin(torch.arange(T), D, dtype=torch.float64)
     y = P.apply_rope(x, cos, sin)
-    # norms preserved, position 0 untouched, and pair (0, hd/2) at position 1 turned by exactly 1 radian
+    # norms preserved, position 0 untouched, and pair (0, D/2) at position 1 turned by exactly 1 radian
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y[0], x[0])
-    a, b = x[1, 0].item(), x[1, hd // 2].item()
+    a, b = x[1, 0].item(), x[1, D // 2].item()
     assert math.isclose(y[1, 0].item(), a * math.cos(1) - b * math.sin(1), abs_tol=1e-12)
-    assert math.isclose(y[1, hd // 2].item(), b * math.cos(1) + a * math.sin(1), abs_tol=1e-12)
+    assert math.isclose(y[1, D // 2].item(), b * math.cos(1) + a * math.sin(1), abs_tol=1e-12)
 
 
 def test_rope_score_depends_only_on_offset():
     torch.manual_seed(2)
-    N, hd = 200, 16
-    q, k = torch.randn(N, hd, dtype=torch.float64), torch.randn(N, hd, dtype=torch.float64)
+    N, D = 200, 16
+    q, k = torch.randn(N, D, dtype=torch.float64), torch.randn(N, D, dtype=torch.float64)
     m, n = torch.randint(0, 512, (N,)), torch.randint(0, 512, (N,))
     shift = torch.randint(-300, 3000, (N,))
     base = P.rope_scores(q, k, m, n)
@@ -128,25 +118,15 @@ def test_rope_bad_args():
 
 
 # ----------------------------------------------------------------------------------------------------- ALiBi
-def paper_slopes(n):
-    """Press et al.'s reference get_slopes, transcribed."""
-    def power_of_2(n):
-        start = 2 ** (-2 ** -(math.log2(n) - 3))
-        return [start * start ** i for i in range(n)]
-    if math.log2(n).is_integer():
-        return power_of_2(n)
-    closest = 2 ** math.floor(math.log2(n))
-    return power_of_2(closest) + paper_slopes(2 * closest)[0::2][: n - closest]
-
-
 @pytest.mark.parametrize("n_head", [1, 2, 3, 4, 5, 6, 8, 12, 16, 20, 32])
 def test_alibi_slopes_closed_form(n_head):
-    torch.testing.assert_close(P.alibi_slopes(n_head), torch.tensor(paper_slopes(n_head), dtype=torch.float32),
+    torch.testing.assert_close(P.alibi_slopes(n_head), torch.tensor(P.alibi_slopes_paper(n_head), dtype=torch.float32),
                                rtol=1e-6, atol=0)
 
 
 def test_alibi_slopes_known_values():
     torch.testing.assert_close(P.alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
+    assert P.alibi_slopes_paper(8) == [2.0 ** -i for i in range(1, 9)]          # the reference itself
     # 6 heads: the 4-head slopes (2^-2, 2^-4, 2^-6, 2^-8) then 2^-1, 2^-3 from the 8-head sequence
     torch.testing.assert_close(P.alibi_slopes(6), torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8,
                                                                 2.0 ** -1, 2.0 ** -3]))
@@ -179,11 +159,11 @@ def test_alibi_bad_args(n_head):
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_matches_sdpa(scheme, causal):
     torch.manual_seed(3)
-    B, H, T, hd = 2, 4, 11, 8
-    q, k, v = (torch.randn(B, H, T, hd) for _ in range(3))
+    B, H, T, D = 2, 4, 11, 8
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
     ours = P.attention(q, k, v, scheme=scheme, causal=causal)
     if scheme == "rope":
-        cos, sin = P.rope_cos_sin(torch.arange(T), hd)
+        cos, sin = P.rope_cos_sin(torch.arange(T), D)
         q, k = P.apply_rope(q, cos, sin), P.apply_rope(k, cos, sin)
     if scheme == "alibi":
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=P.alibi_bias(H, T, causal=causal))
@@ -199,7 +179,7 @@ def test_attention_weights_rows_sum_to_one_and_bad_args():
     assert torch.all(w[0, :, 0, 1:] == 0)
     with pytest.raises(ValueError, match="scheme"):
         P.attention(q, q, q, scheme="xpos")
-    with pytest.raises(ValueError, match="B, H, T, hd"):
+    with pytest.raises(ValueError, match="B, H, T, D"):
         P.attention(q, q[..., :2], q)
 
 
@@ -273,32 +253,98 @@ def test_permutation_gap():
 
 
 class TinyOrderModel(nn.Module):
-    """A one-layer order-aware model: embeddings + learned positions + causal attention."""
+    """A one-layer order-aware model: embeddings + learned positions + causal attention; (logits, loss)."""
 
     def __init__(self, V, T, d=32):
         super().__init__()
         self.emb, self.pos, self.out = nn.Embedding(V, d), P.LearnedPositions(T, d, init_std=1.0), nn.Linear(d, V)
         self.qk = nn.Linear(d, 2 * d)
 
-    def forward(self, idx):
+    def forward(self, idx, targets=None):
         x = self.emb(idx) + self.pos(idx.shape[1])
         q, k = self.qk(x).chunk(2, -1)
-        h = P.attention(q[:, None], k[:, None], x[:, None], causal=True)[:, 0]
-        return self.out(h), None
+        logits = self.out(P.attention(q[:, None], k[:, None], x[:, None], causal=True)[:, 0])
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
 
 
-def test_fit_first_token_learns_with_positions():
+def test_first_token_batches():
+    batch = P.first_token_batches(8, 5, 9)
+    x, y = batch(torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (8, 5)
+    assert torch.all(y[:, 0] == -100) and torch.equal(y[:, 1:], x[:, :1].expand(8, 4))
+    x2, _ = batch(torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)                                                  # seeded by the caller's generator
+    with pytest.raises(ValueError, match="seq_len=6"):
+        P.first_token_batches(8, 6, 5)
+    with pytest.raises(TypeError, match="batch_size"):
+        P.first_token_batches(8.0, 5, 9)
+
+
+def test_first_token_task_learned_through_shared_train():
     torch.manual_seed(0)
     V, T = 12, 6
     model = TinyOrderModel(V, T)
-    losses = P.fit_first_token(model, steps=150, seq_len=T, vocab_size=V, lr=1e-2, seed=0)
+    history = train(model, P.first_token_batches(64, T, V), steps=150, seq_len=T, lr=1e-2, warmup=0,
+                    min_lr_ratio=1.0, weight_decay=0.0, grad_clip=None, progress=False)
+    losses = history.train_loss
     assert len(losses) == 150 and losses[-1] < 0.5 * losses[0]
     x, y = P.first_token_task(1000, T, V, torch.Generator().manual_seed(1))
     with torch.no_grad():
         accuracy = P.order_accuracy(model(x)[0], y)
-    assert accuracy > 3 / T   # chance for an order-blind model is 1/T
-    with pytest.raises(ValueError, match="steps"):
-        P.fit_first_token(model, steps=0, seq_len=T, vocab_size=V)
+    assert accuracy > 3 / T   # an order-blind model can reach 1/(T-1) at best
+
+
+def _best_blind(T, orbit_of):
+    """Brute force over all orderings of T tokens (V = T): a blind model gives the same output to every
+    (sequence, position) in one orbit; the best deterministic answer per orbit is its most frequent target, the
+    best distribution is the targets' frequencies. Returns (accuracy, loss) over positions 1..T-1."""
+    import itertools
+    from collections import Counter, defaultdict
+    targets = defaultdict(Counter)
+    for seq in itertools.permutations(range(T)):
+        for t in range(1, T):
+            targets[orbit_of(seq, t)][seq[0]] += 1
+    n = math.factorial(T) * (T - 1)
+    accuracy = sum(max(c.values()) for c in targets.values()) / n
+    loss = -sum(k * math.log(k / sum(c.values())) for c in targets.values() for k in c.values()) / n
+    return accuracy, loss
+
+
+@pytest.mark.parametrize("T", [2, 3, 4, 5, 6])
+def test_first_token_bounds_match_brute_force(T):
+    bounds = P.first_token_bounds(T)
+    # order-blind: the output at t depends on the set of tokens (always all V = T here) and the own token only
+    acc, loss = _best_blind(T, lambda seq, t: seq[t])
+    assert acc == pytest.approx(bounds["order-blind"]["accuracy"]) and loss == pytest.approx(bounds["order-blind"]["loss"])
+    # direction-blind: (x, t) and (reversed x, T-1-t) share one output
+    acc, loss = _best_blind(T, lambda seq, t: min((seq, t), (seq[::-1], T - 1 - t)))
+    assert acc == pytest.approx(bounds["direction-blind"]["accuracy"])
+    assert loss == pytest.approx(bounds["direction-blind"]["loss"])
+    with pytest.raises(ValueError, match="seq_len"):
+        P.first_token_bounds(1)
+
+
+def test_principal_components():
+    torch.manual_seed(0)
+    X = torch.randn(40, 3, dtype=torch.float64) @ torch.diag(torch.tensor([5.0, 2.0, 0.5], dtype=torch.float64))
+    X = X @ torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0].T        # rotate: axes not the basis
+    coords, explained = P.principal_components(X, k=3)
+    assert coords.shape == (40, 3) and explained.shape == (3,)
+    centred = X - X.mean(0)
+    # a rotation of the centred data: distances kept; variances = eigenvalues of the covariance, descending
+    torch.testing.assert_close(torch.cdist(coords, coords), torch.cdist(centred, centred))
+    eig = torch.linalg.eigvalsh(centred.T @ centred).flip(0)
+    torch.testing.assert_close(explained, eig / eig.sum())
+    assert explained[0] > explained[1] > explained[2]
+    coords, explained = P.principal_components(torch.ones(5, 4), k=3)          # a constant set: one point
+    assert coords.abs().max() == 0 and explained.abs().max() == 0
+    coords, _ = P.principal_components(torch.randn(2, 4), k=3)                 # fewer axes than k: zero-padded
+    assert coords.shape == (2, 3) and coords[:, 2].abs().max() == 0
+    with pytest.raises(TypeError, match="vectors"):
+        P.principal_components([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="k"):
+        P.principal_components(torch.ones(5, 4), k=0)
 
 
 def test_loss_by_position_matches_mean_loss_and_bad_args():
