@@ -43,7 +43,7 @@ def show_results(claim: str, numbers: dict) -> None:
 ROOT = Path(__file__).resolve().parent.parent
 THUMBS = Path("docs") / "gallery"               # relative to the repo root
 START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
-THUMB_WIDTH = 360                                # pixels: enough to read a figure's shape, small in bytes
+THUMB_WIDTH = 480                                # pixels: enough to read a figure's shape, small in bytes
 
 
 @dataclass
