@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import shared  # noqa: F401  (offline switches before transformers loads)
 from shared.model import GPT, GPTConfig
-from moe import (DISPATCHES, MoE, MoEGPT, capacity, dense_mix, flops_per_token, load_balancing_loss,
+from moe import (DISPATCHES, MoE, MoEGPT, capacity, collect_routing, dense_mix, flops_per_token, load_balancing_loss,
                  load_into_hf_block, mutual_information, route, router_z_loss, to_mixtral, usage_entropy)
 
 ATOL = 1e-5   # float32, a few hundred multiply-adds per output: observed differences are ~1e-9
@@ -239,3 +239,15 @@ def test_empty_and_single_token():
     assert moe(torch.randn(1, 0, 8)).shape == (1, 0, 8)
     moe.dispatch = "loop"
     assert moe(torch.randn(1, 0, 8)).shape == (1, 0, 8)
+
+
+def test_collect_routing_shapes_and_consistency():
+    torch.manual_seed(10)
+    model = MoEGPT(_tiny_cfg(), n_experts=4, top_k=2, d_ff=24)
+    tokens = torch.randint(0, 50, (70,))
+    ids, per_layer = collect_routing(model, tokens, seq_len=16, batch_size=3)
+    assert ids.shape == (64,) and len(per_layer) == 2 and per_layer[0].shape == (64, 2)
+    model(ids.view(4, 16))                                   # one batch: the same routing
+    assert torch.equal(model.moe_layers()[1].last_experts, per_layer[1])
+    with pytest.raises(ValueError, match="seq_len"):
+        collect_routing(model, tokens[:5], seq_len=16)
