@@ -1,0 +1,148 @@
+"""Tests for synth.py: MinHash bit for bit against datasketch, LSH banding against datasketch's index and the
+S-curve, brute-force Jaccard by hand, the quality scores against the generator's truth, splits, contamination."""
+import math
+import random
+
+import numpy as np
+import pytest
+
+import synth
+from shared import data
+
+REAL = list(data.stories(n_train=60, n_val=0, n_test=0, seed=5)["train"]["text"])
+
+
+def test_minhash_equals_datasketch_bitwise():
+    datasketch = pytest.importorskip("datasketch")
+    sets = [synth.shingles(t) for t in REAL[:20]] + [{"one"}]
+    ours = synth.minhash_signatures(sets, num_perm=64, seed=3)
+    for s, row in zip(sets, ours):
+        m = datasketch.MinHash(num_perm=64, seed=3)
+        m.update_batch([x.encode() for x in s])
+        np.testing.assert_array_equal(row, m.hashvalues)           # exact, tolerance 0
+
+
+def test_lsh_pairs_equal_datasketch_index():
+    datasketch = pytest.importorskip("datasketch")
+    rng = random.Random(0)
+    texts = REAL[:30] + [synth.corrupt(t, "typo", rng) for t in REAL[:10]] + REAL[:3]
+    sets = [synth.shingles(t) for t in texts]
+    sig = synth.minhash_signatures(sets, num_perm=128)
+    ours = synth.lsh_pairs(sig, 16, 8)
+    lsh = datasketch.MinHashLSH(num_perm=128, params=(16, 8))
+    hashes = []
+    for i, s in enumerate(sets):
+        m = datasketch.MinHash(num_perm=128)
+        m.update_batch([x.encode() for x in s])
+        hashes.append(m)
+        lsh.insert(i, m)
+    theirs = {(min(i, j), max(i, j)) for i, m in enumerate(hashes) for j in lsh.query(m) if j != i}
+    assert ours == theirs
+    assert {(i, 40 + i) for i in range(3)} <= ours                   # exact copies always collide
+
+
+def test_jaccard_by_hand_and_estimate():
+    sets = [{"a", "b", "c"}, {"b", "c", "d"}, {"x"}, {"a", "b", "c"}]
+    jac = synth.jaccard_matrix(sets)
+    assert jac[0, 1] == pytest.approx(0.5) and jac[0, 2] == 0 and jac[0, 3] == 1
+    assert synth.jaccard_pairs(jac, 0.5) == {(0, 1), (0, 3), (1, 3)}
+    # the MinHash estimate of J is unbiased with standard error sqrt(J(1-J)/P): 5 sigma
+    a, b = set(range(300)), set(range(100, 400))                     # J = 200/400 = 0.5
+    sig = synth.minhash_signatures([{str(x) for x in a}, {str(x) for x in b}], num_perm=1024)
+    est = (sig[0] == sig[1]).mean()
+    assert abs(est - 0.5) < 5 * math.sqrt(0.25 / 1024)
+
+
+def test_s_curve_closed_form():
+    assert synth.s_curve(1.0, 20, 5) == 1.0 and synth.s_curve(0.0, 20, 5) == 0.0
+    assert synth.s_curve(0.5, 1, 1) == pytest.approx(0.5)
+    assert synth.s_curve(0.5, 2, 2) == pytest.approx(1 - 0.75 ** 2)
+
+
+def test_exact_duplicates_normalise():
+    texts = ["Mia had a kite.", "mia  had a KITE", "Tom had a kite."]
+    assert synth.exact_duplicates(texts) == [0, 0, 2]
+    assert synth.normalise("  A,b.  C ") == "a b c"
+
+
+def test_quality_on_real_and_corrupted():
+    floor = data.entropy_rate(n=500)[0]
+    q = synth.quality(REAL, floor)
+    assert q["valid"] == q["valid_but_recall"] == len(REAL)
+    assert abs(q["gap"]) < 0.05                                       # real stories sit at the entropy rate
+    rng = random.Random(1)
+    typo = [synth.corrupt(t, "typo", rng, rate=0.2) for t in REAL]
+    assert synth.quality(typo)["valid"] == 0
+    reworded = [synth.augment(t, "reword", rng) for t in REAL]
+    assert synth.quality(reworded)["valid"] == 0
+    swapped = [synth.augment(t, "swap_name", rng) for t in REAL]
+    assert synth.quality(swapped)["valid"] == len(REAL)                # an entity swap stays in distribution
+
+
+def test_repair_recall_fixes_only_the_recall():
+    t = REAL[0]
+    f = synth.story_fields(t)
+    wrong = "blue" if f["colour"] != "blue" else "red"
+    broken = t.replace(f"the {f['colour']} {f['object']}. ", f"the {wrong} {f['object']}. ")
+    assert math.isinf(data.story_logprob(broken))
+    assert synth.repair_recall(broken) == t
+
+
+def test_qa_pairs_and_label_noise():
+    clean = synth.qa_pairs(REAL, label_noise=0.0)
+    assert len(clean) == 3 * len(REAL) and synth.qa_label_accuracy(clean, REAL) == 1.0
+    noisy = synth.qa_pairs(REAL, label_noise=1.0)
+    assert synth.qa_label_accuracy(noisy, REAL) == 0.0
+    with pytest.raises(ValueError, match="label_noise"):
+        synth.qa_pairs(REAL, label_noise=1.5)
+
+
+def test_corrupt_and_augment_kinds():
+    rng = random.Random(0)
+    t = REAL[1]
+    assert len(synth.sentences(synth.corrupt(t, "drop", rng))) == len(synth.sentences(t)) - 1
+    assert len(synth.sentences(synth.corrupt(t, "duplicate", rng))) == len(synth.sentences(t)) + 1
+    with pytest.raises(ValueError, match="kind"):
+        synth.corrupt(t, "shuffle", rng)
+    with pytest.raises(ValueError, match="kind"):
+        synth.augment(t, "translate", rng)
+
+
+def test_components_and_group_split():
+    groups = synth.components(6, [(0, 1), (1, 2), (4, 5)])
+    assert groups[0] == groups[1] == groups[2] and groups[4] == groups[5] and len(set(groups)) == 3
+    train, val = synth.group_split(groups, 0.5, seed=0)
+    assert sorted(train + val) == list(range(6))
+    assert not {groups[i] for i in train} & {groups[i] for i in val}
+    with pytest.raises(ValueError, match="val_fraction"):
+        synth.group_split(groups, 1.0)
+
+
+def test_ngram_contamination():
+    a = "one two three four five six"
+    assert synth.ngram_contamination([a], ["zero two three four five nine", "six five four"], n=4) == [True, False]
+    assert synth.ngram_contamination([], [a], n=2) == [False]
+    with pytest.raises(ValueError, match="n must"):
+        synth.ngram_contamination([a], [a], n=0)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="k must"):
+        synth.shingles("a b", k=0)
+    with pytest.raises(ValueError, match="num_perm"):
+        synth.minhash_signatures([{"a"}], num_perm=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        synth.minhash_signatures([set()])
+    with pytest.raises(ValueError, match="exceeds num_perm"):
+        synth.lsh_pairs(np.zeros((2, 8), dtype=np.uint32), 3, 3)
+    with pytest.raises(ValueError, match="texts"):
+        synth.quality([])
+    with pytest.raises(ValueError):
+        synth.wilson(3, 2)
+
+
+def test_wilson_by_hand():
+    lo, hi = synth.wilson(0, 10)
+    assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-3)
+    lo, hi = synth.wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
