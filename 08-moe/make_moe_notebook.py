@@ -585,7 +585,7 @@ md(r"""
   `k = E` equals the soft mixture (checks above; raw differences in the checks table).
 - **The balancing loss keeps usage spread out; without it usage concentrates.** With it, every layer of every seed
   stays above 0.9 of `log E`; without it, the lowest layer falls below every balanced seed's (entropies and dead
-  experts printed in Break 1). At 150 steps this is a *partial* collapse (no layer down to one expert), and it has
+  experts printed in Break 1). At this step count it is a *partial* collapse (no layer down to one expert), and it has
   no measurable loss cost here: no no-balancing seed is worse than every balanced seed (printed). What the
   balancing loss buys at this size is even load (the capacity Break shows why that matters), not lower loss.
 - **Equal active parameters (same FLOPs per token): dense wins at this budget.** The verdict rule (seed ranges must
