@@ -1,0 +1,174 @@
+"""Tests for long_context.py: band masks vs a brute-force loop, sliding-window attention vs full attention, the
+rolling cache vs full recomputation, RoPE scaling tables vs transformers, tiled attention vs SDPA, bad arguments."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import long_context as lc
+from shared.model import GPT, GPTConfig, decode, greedy_next
+
+
+def tiny_cfg(**kw):
+    base = dict(vocab_size=40, block_size=32, n_layer=2, n_head=4, n_kv_head=2, d_model=32)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+@pytest.mark.parametrize("T,W,S", [(0, 1, 0), (1, 1, 0), (9, 1, 0), (12, 4, 0), (12, 4, 3), (10, 20, 2), (6, 2, 6)])
+def test_band_mask_matches_loop(T, W, S):
+    pos = torch.arange(T)
+    assert torch.equal(lc.band_mask(pos, pos, W, S), lc.band_mask_loop(T, W, S))
+
+
+def test_band_mask_offset_queries():
+    # queries at positions 10..12 against keys 0..12: rows equal the last rows of the square mask
+    m = lc.band_mask(torch.arange(10, 13), torch.arange(13), 4, 2)
+    assert torch.equal(m, lc.band_mask_loop(13, 4, 2)[10:])
+
+
+def test_band_mask_rows_bounded():
+    m = lc.band_mask(torch.arange(50), torch.arange(50), 5, 3)
+    assert int(m.sum(1).max()) == 8 and bool(m.diagonal().all())
+
+
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_band_mask_bad_window(bad, exc):
+    with pytest.raises(exc, match="window"):
+        lc.band_mask(torch.arange(3), torch.arange(3), bad)
+
+
+def test_bad_sinks():
+    with pytest.raises(ValueError, match="sinks"):
+        lc.sliding_factory(4, -1)
+
+
+def test_sliding_rejects_unsupported_config():
+    with pytest.raises(ValueError, match="pos"):
+        lc.SlidingWindowAttention(tiny_cfg(pos="alibi"), 0, window=4)
+    with pytest.raises(ValueError, match="causal"):
+        lc.SlidingWindowAttention(tiny_cfg(causal=False), 0, window=4)
+
+
+def test_wide_window_equals_full_attention():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    full = GPT(cfg).eval()
+    sw = GPT(cfg, attn_factory=lc.sliding_factory(40)).eval()
+    sw.load_state_dict(full.state_dict())
+    x = torch.randint(0, 40, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(sw(x)[0], full(x)[0], atol=1e-5, rtol=0)
+
+
+def test_narrow_window_matches_explicit_masked_attention():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_layer=1)
+    attn = lc.SlidingWindowAttention(cfg, 0, window=3, sinks=1).eval()
+    x = torch.randn(1, 10, 32)
+    with torch.no_grad():
+        y = attn(x)
+        attn.store_weights = True
+        y_explicit = attn(x)
+    torch.testing.assert_close(y, y_explicit, atol=1e-5, rtol=0)
+    w = attn.last_weights[0, 0]
+    assert torch.equal(w > 0, lc.band_mask_loop(10, 3, 1))
+
+
+@pytest.mark.parametrize("W,S", [(1, 0), (5, 0), (5, 2), (6, 6)])
+def test_streaming_equals_full_recompute(W, S):
+    torch.manual_seed(1)
+    model = GPT(tiny_cfg(), attn_factory=lc.sliding_factory(W, S)).eval()
+    prompt = torch.randint(0, 40, (2, 4))
+    a = decode(model, prompt, 40, greedy_next, window=10**9, use_cache=True)
+    b = decode(model, prompt, 40, greedy_next, window=10**9, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_rolling_cache_bounded_and_prompt_chunks():
+    torch.manual_seed(2)
+    cfg = tiny_cfg()
+    model = GPT(cfg, attn_factory=lc.sliding_factory(6, 2)).eval()
+    ids = torch.randint(0, 40, (1, 50))
+    caches = [{} for _ in model.blocks]
+    outs = []
+    with torch.no_grad():
+        for s in range(0, 50, 7):                                  # chunks longer than the window
+            outs.append(model(ids[:, s:s + 7], start_pos=s, caches=caches)[0])
+            for c in caches:
+                assert c["k"].shape[2] <= 8 and c["k"].shape == c["v"].shape
+        full = model(ids)[0]
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=0)
+    assert caches[0]["pos"].tolist() == [0, 1, 44, 45, 46, 47, 48, 49]
+    assert lc.kv_cache_bytes_formula(2, 1, 2, 8, 8) == sum(c[k].numel() * 4 for c in caches for k in ("k", "v"))
+
+
+@pytest.mark.parametrize("D", [8, 16, 64])
+@pytest.mark.parametrize("factor", [1.0, 2.0, 4.0, 10.0])
+def test_rope_tables_match_transformers(D, factor):
+    L0 = 64
+    L = int(L0 * factor)
+    ref, _ = lc.hf_inv_freq("linear", D, 10000.0, L0, factor)
+    torch.testing.assert_close(lc.linear_inv_freq(D, 10000.0, factor), ref, atol=0, rtol=1e-6)
+    for seq_len in (L0 // 2, L, 3 * L):
+        ref, _ = lc.hf_inv_freq("dynamic", D, 10000.0, L0, factor, seq_len=seq_len)
+        torch.testing.assert_close(lc.dynamic_ntk_inv_freq(D, 10000.0, factor, seq_len, L0), ref, atol=0, rtol=1e-6)
+    ref, ref_scale = lc.hf_inv_freq("yarn", D, 10000.0, L0, factor)
+    ours, scale = lc.yarn_inv_freq(D, 10000.0, factor, L0)
+    torch.testing.assert_close(ours, ref, atol=0, rtol=1e-6)
+    assert scale == pytest.approx(ref_scale, abs=1e-12)
+
+
+def test_dynamic_is_plain_up_to_trained_length():
+    torch.testing.assert_close(lc.dynamic_ntk_inv_freq(32, 10000.0, 4.0, 50, 64), lc.rope_inv_freq(32, 10000.0))
+
+
+def test_scaled_rope_plain_table_equals_shared_gpt():
+    torch.manual_seed(3)
+    cfg = tiny_cfg()
+    full = GPT(cfg).eval()
+    scaled = GPT(cfg, attn_factory=lc.ScaledRopeAttention).eval()
+    scaled.load_state_dict(full.state_dict())
+    x = torch.randint(0, 40, (2, 70))
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x)[0], full(x)[0], atol=1e-5, rtol=0)
+        lc.set_rope_scaling(scaled, "linear", 32, 64)
+        assert (scaled(x)[0] - full(x)[0]).abs().max() > 1e-4   # random init: small but far above float noise
+
+
+def test_rope_bad_arguments():
+    with pytest.raises(ValueError, match="factor"):
+        lc.linear_inv_freq(16, 10000.0, 0.5)
+    with pytest.raises(TypeError, match="factor"):
+        lc.yarn_inv_freq(16, 10000.0, "2", 64)
+    with pytest.raises(ValueError, match="head_dim"):
+        lc.rope_inv_freq(15)
+    with pytest.raises(ValueError, match="scaling"):
+        lc.scaled_inv_freq("ntk", 16, 10000.0, 64, 128)
+    with pytest.raises(ValueError, match="pos"):
+        lc.ScaledRopeAttention(tiny_cfg(pos="none"))
+    with pytest.raises(TypeError, match="ScaledRopeAttention"):
+        lc.set_rope_scaling(GPT(tiny_cfg()), "linear", 32, 64)
+    a = lc.ScaledRopeAttention(tiny_cfg())
+    with pytest.raises(ValueError, match="inv_freq"):
+        a.set_rope(torch.ones(3))
+    with pytest.raises(ValueError, match="cache"):
+        a(torch.randn(1, 2, 32), cache={})
+
+
+@pytest.mark.parametrize("T,T_k,bq,bk,causal", [(1, 1, 4, 4, True), (37, 37, 8, 5, True), (20, 45, 7, 16, True),
+                                               (33, 50, 64, 64, False), (16, 16, 1, 1, True)])
+def test_tiled_attention_matches_sdpa(T, T_k, bq, bk, causal):
+    torch.manual_seed(4)
+    q = torch.randn(2, 3, T, 16)
+    k, v = torch.randn(2, 2, 3, T_k, 16).unbind(0)
+    mask = torch.ones(T, T_k, dtype=torch.bool).tril(T_k - T) if causal else None
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(lc.tiled_attention(q, k, v, bq, bk, causal=causal), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_attention_bad_arguments():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="block_q"):
+        lc.tiled_attention(q, q, q, block_q=0)
+    with pytest.raises(ValueError, match="need q"):
+        lc.tiled_attention(q, torch.randn(1, 1, 4, 6), torch.randn(1, 1, 4, 6))
