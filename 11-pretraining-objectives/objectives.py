@@ -319,8 +319,9 @@ def iterative_unmask(model: GPT, ctx: MaskContext, ids: torch.Tensor, mask_id: i
     until no <|mask|> is left. ids (B, T) -> (B, T)."""
     ids = ids.clone()
     while (ids == mask_id).any():
-        probs = forward_masked(model, ctx, ids, ids.shape[1]).softmax(-1)
-        conf, best = probs.max(-1)                                         # (B, T)
+        logits = forward_masked(model, ctx, ids, ids.shape[1])
+        logits[..., mask_id] = float("-inf")                               # never "fill" a mask with a mask
+        conf, best = logits.softmax(-1).max(-1)                            # (B, T)
         conf = conf.masked_fill(ids != mask_id, -1.0)
         for b in range(len(ids)):
             k = min(per_step, int((ids[b] == mask_id).sum()))
