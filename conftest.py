@@ -7,3 +7,21 @@ slower steps). `shared/__init__.py` sets it too, for notebooks opened in Jupyter
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Seconds per test file (a notebook's cells summed), printed at the end of the run: the CI log then shows which
+# notebook costs what, against each one's budget, without a second timed run.
+_seconds_per_file: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    _seconds_per_file[path] = _seconds_per_file.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _seconds_per_file:
+        return
+    terminalreporter.section("seconds per file (setup + call + teardown)")
+    for path, seconds in sorted(_seconds_per_file.items(), key=lambda kv: -kv[1]):
+        if seconds >= 1.0:
+            terminalreporter.write_line(f"{seconds:7.1f}  {path}")
