@@ -1,0 +1,382 @@
+"""Weight quantisation from scratch: absmax and zero-point integers, three granularities, bit packing, and the
+GGUF block formats Q8_0 / Q4_0 / Q4_1 byte for byte.
+
+A weight matrix W (rows = output channels, cols = input channels) is cut into groups that share one scale:
+- granularity "tensor": one group, the whole matrix;
+- granularity "channel": one group per output row (per-output-channel);
+- granularity g (an int, e.g. 32/64/128): groups of g consecutive input columns inside each row.
+
+Symmetric (absmax):  s = max|w| / qmax,          q = clamp(round(w / s), -qmax, qmax),      w' = s * q
+Asymmetric (zero-point): s = (max - min) / (2^b - 1),  z = round(-min / s),
+                     q = clamp(round(w / s + z), 0, 2^b - 1),                                  w' = s * (q - z)
+with qmax = 2^(b-1) - 1 (127 for int8, 7 for int4, 1 for int2). Scales are stored in float16 (as GGUF does)
+and the codes are computed with the stored (rounded) scale, so dequantising reproduces exactly what was meant.
+Codes of b < 8 bits are packed 8/b per byte, first element in the lowest bits.
+
+GGUF blocks (llama.cpp's formats; 32 weights per block along a row):
+- Q8_0: [fp16 d][32 x int8]           d = absmax / 127, q = roundf(w / d)                      34 bytes
+- Q4_0: [fp16 d][16 bytes]            d = (signed max-magnitude value) / -8,
+                                      q = min(15, trunc(w / d + 8.5)), nibbles j and j+16 share byte j  18 bytes
+- Q4_1: [fp16 d][fp16 m][16 bytes]    d = (max - min) / 15, m = min, q = min(15, trunc((w - m) / d + 0.5))  20 bytes
+computed with the same float32 operations as `gguf.quants` (itself bit-exact with ggml-quants.c).
+
+Shapes: W (R, C) = (rows/out features, cols/in features); G groups per row; g group size.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["QuantTensor", "quantize", "pack_bits", "unpack_bits", "QuantLinear", "GGUFTensor", "gguf_quantize",
+           "gguf_dequantize", "GGUF_BLOCK_BYTES", "FloatTensor", "quantize_model", "token_nlls", "quant_error"]
+
+GGUF_BLOCK = 32
+GGUF_BLOCK_BYTES = {"Q8_0": 2 + 32, "Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16}
+
+
+# ---------------------------------------------------------------------------------------------- validators
+def _check_weight(w, name: str = "w") -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {w.dtype}")
+    if w.dim() != 2 or w.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D (rows, cols) matrix, got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name} must be finite (no inf/nan)")
+
+
+def _check_scheme(bits, granularity) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int, got {type(bits).__name__} {bits!r}")
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+    if isinstance(granularity, bool) or not isinstance(granularity, (int, str)):
+        raise TypeError(f"granularity must be 'tensor', 'channel' or an int group size, got {granularity!r}")
+    if isinstance(granularity, str) and granularity not in ("tensor", "channel"):
+        raise ValueError(f"granularity must be 'tensor', 'channel' or an int group size, got {granularity!r}")
+    if isinstance(granularity, int) and granularity < 1:
+        raise ValueError(f"granularity (group size) must be >= 1, got {granularity}")
+
+
+# ---------------------------------------------------------------------------------------------- bit packing
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes in [0, 2^bits) (any shape) -> 1-D uint8, 8/bits codes per byte, first code in the low bits.
+
+    The flat length is padded with zeros to a multiple of 8/bits. bits=8 returns the codes as uint8 unchanged.
+    """
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+    flat = codes.reshape(-1).to(torch.int32)
+    if flat.numel() and (flat.min() < 0 or flat.max() >= 2 ** bits):
+        raise ValueError(f"codes must lie in [0, {2 ** bits}) for {bits}-bit packing")
+    per = 8 // bits
+    flat = F.pad(flat, (0, (-flat.numel()) % per)).view(-1, per)                  # (n_bytes, per)
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    return (flat << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: 1-D uint8 -> the first `n` codes as int32 (1-D)."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+    per = 8 // bits
+    if n > packed.numel() * per:
+        raise ValueError(f"n = {n} codes do not fit in {packed.numel()} bytes of {bits}-bit codes")
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32)[:, None] >> shifts) & (2 ** bits - 1)       # (n_bytes, per)
+    return codes.reshape(-1)[:n]
+
+
+# ---------------------------------------------------------------------------------------------- our integers
+def _groups(w: torch.Tensor, granularity) -> torch.Tensor:
+    """(R, C) -> (R', G, g) float32 groups. When g does not divide C, each row's last group is shorter: for the
+    computation it is padded with copies of that group's own first value (its min, max and absmax unchanged),
+    and the padding is never stored."""
+    R, C = w.shape
+    w = w.float()
+    if granularity == "tensor":
+        return w.reshape(1, 1, R * C)
+    if granularity == "channel":
+        return w.reshape(R, 1, C)
+    g = granularity
+    pad = (-C) % g
+    if pad:
+        first = C - C % g                                                       # start of the partial group
+        w = torch.cat([w, w[:, first:first + 1].expand(R, pad)], dim=1)         # its own value: neutral
+    return w.reshape(R, (C + pad) // g, g)
+
+
+@dataclass
+class QuantTensor:
+    """A quantised (R, C) matrix: packed codes + one float16 scale (and uint8 zero-point) per group.
+
+    `packed`: 1-D uint8 of the R*C codes in row-major order (symmetric codes stored offset by 2^(b-1), i.e.
+    unsigned); `scale`, `zero`: (R', G, 1) as in `_groups` (a row's last group may be shorter than g).
+    """
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    shape: tuple[int, int]
+    bits: int
+    granularity: object
+    symmetric: bool
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes (R, C): symmetric in [-qmax, qmax], zero-point in [0, 2^b - 1]."""
+        R, C = self.shape
+        q = unpack_bits(self.packed, self.bits, R * C).view(R, C)
+        return q - 2 ** (self.bits - 1) if self.symmetric else q
+
+    def per_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Broadcast a per-group tensor (R', G, 1) to one value per weight (R, C)."""
+        R, C = self.shape
+        if self.granularity == "tensor":
+            return t.reshape(1, 1).expand(R, C)
+        if self.granularity == "channel":
+            return t.reshape(R, 1).expand(R, C)
+        return t.reshape(R, -1).repeat_interleave(self.granularity, dim=1)[:, :C]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 (R, C): s * q (symmetric) or s * (q - z) (zero-point)."""
+        q, s = self.codes().float(), self.per_weight(self.scale.float())
+        return s * q if self.symmetric else s * (q - self.per_weight(self.zero.float()))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: packed codes + scales (+ zero-points)."""
+        extra = 0 if self.zero is None else self.zero.numel() * self.zero.element_size()
+        return self.packed.numel() + self.scale.numel() * self.scale.element_size() + extra
+
+
+def _fma(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """float32 x * y + z with one rounding (a fused multiply-add): the float32 product is exact in float64."""
+    return (x.double() * y.double() + z.double()).float()
+
+
+def quantize(w: torch.Tensor, bits: int = 8, granularity="channel", symmetric: bool = True) -> QuantTensor:
+    """Quantise a 2-D weight (R, C) to `bits` with one scale per group (see the module docstring).
+
+    Round-to-nearest with ties to even, computed as PyTorch's CPU quantisers do (`torch.quantize_per_channel`,
+    `torch.quantize_per_tensor`): round(w * (1/s) + z) with the float32 reciprocal taken first and the
+    zero-point added by a fused multiply-add before rounding. The order only matters for weights within float32
+    noise of a tie, but it makes our codes equal to PyTorch's bit for bit. An all-zero group
+    gets scale 1 (codes 0) so nothing divides by zero.
+    """
+    _check_weight(w)
+    _check_scheme(bits, granularity)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    x = _groups(w, granularity)                                                 # (R', G, g)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (x.abs().amax(dim=-1, keepdim=True) / qmax).half()              # stored in fp16
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.round(x * (1 / scale.float())).clamp(-qmax, qmax)           # times 1/s, as PyTorch does
+        zero, q = None, q + 2 ** (bits - 1)                                    # offset binary: unsigned
+    else:
+        qmax = 2 ** bits - 1
+        lo = x.amin(dim=-1, keepdim=True).clamp(max=0)                          # keep 0 exactly representable
+        hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / qmax).half()
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = torch.round(-lo / scale.float()).clamp(0, qmax)
+        q = torch.round(_fma(x, 1 / scale.float(), zero)).clamp(0, qmax)      # z added before rounding
+        zero = zero.to(torch.uint8)
+    R, C = w.shape
+    packed = pack_bits(q.to(torch.int32).reshape(R, -1)[:, :C], bits)           # real weights only, no padding
+    return QuantTensor(packed, scale, zero, tuple(w.shape), bits, granularity, symmetric)
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer that stores its weight quantised and computes y = x @ dequantize(W)^T.
+
+    Dequantise-then-matmul: memory is saved (packed codes), compute is still float32. x (..., C) -> (..., R).
+    """
+
+    def __init__(self, qweight):
+        super().__init__()
+        if not isinstance(qweight, (QuantTensor, GGUFTensor, FloatTensor)):
+            raise TypeError(f"qweight must be a QuantTensor, GGUFTensor or FloatTensor, got {type(qweight).__name__}")
+        self.qweight = qweight
+        self.out_features, self.in_features = qweight.shape
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quantizer) -> "QuantLinear":
+        if not isinstance(linear, nn.Linear) or linear.bias is not None:
+            raise TypeError("linear must be an nn.Linear without bias")
+        return cls(quantizer(linear.weight.detach()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.qweight.dequantize().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bytes={self.qweight.nbytes}"
+
+
+# ---------------------------------------------------------------------------------------------- GGUF blocks
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (ties away from zero), written with the same float32 operations as gguf's np_roundf."""
+    a = x.abs()
+    fl = torch.floor(a)
+    return torch.sign(x) * (fl + torch.floor(2 * (a - fl)))
+
+
+def _blocks(w: torch.Tensor) -> torch.Tensor:
+    _check_weight(w)
+    if w.shape[1] % GGUF_BLOCK:
+        raise ValueError(f"GGUF blocks need cols divisible by {GGUF_BLOCK}, got shape {tuple(w.shape)}")
+    return w.float().reshape(-1, GGUF_BLOCK)                                      # (R * C/32, 32)
+
+
+def _half_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.half().view(torch.uint8)                                            # (n, 1) fp16 -> (n, 2) bytes
+
+
+def gguf_quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    """(R, C) float -> (R, C/32 * block_bytes) uint8, the bytes of llama.cpp's Q8_0 / Q4_0 / Q4_1 blocks."""
+    if qtype not in GGUF_BLOCK_BYTES:
+        raise ValueError(f"qtype must be one of {sorted(GGUF_BLOCK_BYTES)}, got {qtype!r}")
+    b = _blocks(w)                                                               # (n, 32)
+    R = w.shape[0]
+    if qtype == "Q8_0":
+        d = b.abs().amax(dim=1, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        qs = _roundf(b * inv).to(torch.int8).view(torch.uint8)
+        out = torch.cat([_half_bytes(d), qs], dim=1)
+    else:
+        if qtype == "Q4_0":
+            imax = b.abs().argmax(dim=1, keepdim=True)                           # first index of max |w|
+            d = b.gather(1, imax) / -8                                           # signed: max magnitude -> -8
+            inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+            q = torch.trunc(b * inv + 8.5)
+            head = _half_bytes(d)
+        else:
+            lo, hi = b.amin(dim=1, keepdim=True), b.amax(dim=1, keepdim=True)
+            d = (hi - lo) / 15
+            inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+            q = torch.trunc((b - lo) * inv + 0.5)
+            head = torch.cat([_half_bytes(d), _half_bytes(lo)], dim=1)
+        q = q.to(torch.uint8).clamp(0, 15)                                       # (n, 32)
+        qs = q[:, :16] | (q[:, 16:] << 4)                                        # weight j and j+16 share byte j
+        out = torch.cat([head, qs], dim=1)
+    return out.reshape(R, -1)
+
+
+def gguf_dequantize(data: torch.Tensor, qtype: str, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `gguf_quantize`: uint8 blocks -> float32 (R, C)."""
+    if qtype not in GGUF_BLOCK_BYTES:
+        raise ValueError(f"qtype must be one of {sorted(GGUF_BLOCK_BYTES)}, got {qtype!r}")
+    R, C = shape
+    if data.dtype != torch.uint8 or data.numel() != R * C // GGUF_BLOCK * GGUF_BLOCK_BYTES[qtype]:
+        raise ValueError(f"data must be uint8 with {R * C // GGUF_BLOCK * GGUF_BLOCK_BYTES[qtype]} bytes for "
+                         f"{qtype} {shape}, got {data.dtype} with {data.numel()}")
+    b = data.reshape(-1, GGUF_BLOCK_BYTES[qtype])
+    d = b[:, :2].contiguous().view(torch.float16).float()                        # (n, 1)
+    if qtype == "Q8_0":
+        w = d * b[:, 2:].contiguous().view(torch.int8).float()
+    else:
+        qs = b[:, -16:]
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()                       # (n, 32)
+        if qtype == "Q4_0":
+            w = d * (q - 8)
+        else:
+            m = b[:, 2:4].contiguous().view(torch.float16).float()
+            w = d * q + m
+    return w.reshape(R, C)
+
+
+@dataclass
+class GGUFTensor:
+    """A weight stored as GGUF blocks; same interface as `QuantTensor` (`dequantize()`, `nbytes`, `shape`)."""
+    data: torch.Tensor
+    qtype: str
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, qtype: str) -> "GGUFTensor":
+        return cls(gguf_quantize(w, qtype), qtype, tuple(w.shape))
+
+    def dequantize(self) -> torch.Tensor:
+        return gguf_dequantize(self.data, self.qtype, self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+@dataclass
+class FloatTensor:
+    """A weight kept in a float dtype (float32, bfloat16, float16): the unquantised baselines."""
+    data: torch.Tensor
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> "FloatTensor":
+        return cls(w.detach().to(dtype).clone())
+
+    @property
+    def shape(self):
+        return tuple(self.data.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.data.float()
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+# ---------------------------------------------------------------------------------------------- whole model
+def quantize_model(model: nn.Module, quantizer) -> tuple[nn.Module, int]:
+    """A copy of `model` whose every 2-D weight went through `quantizer(w) -> QuantTensor/GGUFTensor/...`.
+
+    The copy holds the dequantised float32 weights (fake quantisation: same numbers a `QuantLinear` computes
+    with); returns (copy, bytes), bytes = the quantised storage of every 2-D weight (a tied weight once) + the
+    other parameters (norm gains) in float32.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(quantizer):
+        raise TypeError("quantizer must be callable: w (R, C) -> object with dequantize() and nbytes")
+    out = copy.deepcopy(model)
+    total = 0
+    with torch.no_grad():
+        for _, p in out.named_parameters():                                     # tied weights appear once
+            if p.dim() == 2:
+                qw = quantizer(p.detach())
+                p.copy_(qw.dequantize().to(p.dtype))
+                total += qw.nbytes
+            else:
+                total += p.numel() * 4
+    return out, total
+
+
+def quant_error(w: torch.Tensor, qw) -> float:
+    """Relative Frobenius error ||W - W'|| / ||W|| of a quantised weight."""
+    return float((w.float() - qw.dequantize()).norm() / w.float().norm())
+
+
+@torch.no_grad()
+def token_nlls(model: nn.Module, tokens: torch.Tensor, seq_len: int, batch_size: int = 32) -> torch.Tensor:
+    """Per-token loss (nats) over ALL of a 1-D stream, windows of `seq_len` as in `shared.train.evaluate_stream`.
+
+    Returns (N_windows, seq_len) for the full windows (the stream's short tail is dropped): the rows are the
+    units for a paired comparison of two models on the same text.
+    """
+    if tokens.dim() != 1 or len(tokens) < seq_len + 1:
+        raise ValueError(f"tokens must be 1-D with >= seq_len + 1 entries, got shape {tuple(tokens.shape)}")
+    model.eval()
+    n_full = (len(tokens) - 1) // seq_len
+    x_all = tokens[: n_full * seq_len].view(n_full, seq_len)
+    y_all = tokens[1: n_full * seq_len + 1].view(n_full, seq_len)
+    out = []
+    for i in range(0, n_full, batch_size):
+        logits = model(x_all[i:i + batch_size])[0]                               # (B, T, V)
+        out.append(F.cross_entropy(logits.flatten(0, 1).float(), y_all[i:i + batch_size].flatten(),
+                                   reduction="none").view(-1, seq_len))
+    return torch.cat(out)

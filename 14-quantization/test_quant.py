@@ -1,0 +1,191 @@
+"""Tests for quant.py: hand-checkable cases, PyTorch's quantiser and the `gguf` package as references, error
+bounds, packing round trips, QuantLinear, the whole-model byte count, and the argument checks. CPU, a few seconds."""
+import warnings
+
+import gguf
+import gguf.quants
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quant
+from shared.model import GPT, GPTConfig
+
+
+def rand(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+# ---------------------------------------------------------------------------------------------- hand cases
+def test_hand_example_per_tensor_and_per_channel():
+    W = torch.tensor([[1.75, -0.60, 0.30, -1.00], [0.07, -0.03, 0.01, 0.00]])
+    pt = quant.quantize(W, 4, "tensor")
+    assert pt.codes().tolist() == [[7, -2, 1, -4], [0, 0, 0, 0]]
+    assert pt.packed.tolist() == [0x6F, 0x49, 0x88, 0x88] and pt.nbytes == 4 + 2
+    pc = quant.quantize(W, 4, "channel")
+    assert pc.codes().tolist() == [[7, -2, 1, -4], [7, -3, 1, 0]]
+    torch.testing.assert_close(pc.dequantize()[1], W[1], atol=1e-4, rtol=0)   # row 1 survives per-channel
+    assert pc.scale.dtype == torch.float16 and pc.scale.shape == (2, 1, 1)
+
+
+def test_zero_point_hand_example():
+    W = torch.tensor([[0.0, 1.5, 3.0, 0.3]])                               # all >= 0: min clamps to 0 -> z = 0
+    q = quant.quantize(W, 4, "tensor", symmetric=False)
+    assert q.zero.item() == 0 and float(q.scale) == float(torch.tensor(0.2).half())   # 3.0 / 15 in fp16
+    assert q.codes().tolist() == [[0, 8, 15, 2]]                           # 1.5/0.19995 = 7.502 -> 8
+    W2 = torch.tensor([[-1.0, 0.0, 2.0]])
+    q2 = quant.quantize(W2, 8, "tensor", symmetric=False)
+    assert q2.zero.item() == 85 and q2.dequantize()[0, 1].item() == 0.0   # 0 is exactly representable
+    torch.testing.assert_close(q2.dequantize(), W2, atol=float(q2.scale) / 2 + 1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- references
+@pytest.mark.parametrize("shape, seed", [((7, 33), 0), ((64, 96), 1), ((1, 5), 2)] + [((300, 200), s) for s in range(8)])
+def test_int8_matches_torch_quantizers(shape, seed):
+    w = rand(*shape, seed=seed, scale=0.02)                                # near-ties do occur at this size
+    q8 = quant.quantize(w, 8, "channel")
+    qa = quant.quantize(w, 8, "tensor", symmetric=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = torch.quantize_per_channel(w, q8.scale.flatten().double(), torch.zeros(shape[0], dtype=torch.long), 0,
+                                         torch.qint8)
+        ref_a = torch.quantize_per_tensor(w, float(qa.scale), int(qa.zero), torch.quint8)
+    assert torch.equal(q8.codes().to(torch.int8), ref.int_repr())
+    assert torch.equal(qa.codes().to(torch.uint8), ref_a.int_repr())
+    torch.testing.assert_close(q8.dequantize(), ref.dequantize(), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("case", ["randn", "ties", "zeros", "constant", "outlier", "tiny"])
+def test_gguf_bytes_identical(qtype, case):
+    w = {"randn": rand(16, 96, seed=3),
+         "ties": torch.randint(-16, 17, (8, 64), generator=torch.Generator().manual_seed(1)).float() / 4,
+         "zeros": torch.zeros(2, 32),
+         "constant": torch.full((3, 64), -0.75),
+         "outlier": rand(4, 128, seed=5).index_fill_(1, torch.tensor([7]), 300.0),
+         "tiny": rand(4, 32, seed=6, scale=1e-6)}[case]
+    gtype = getattr(gguf.GGMLQuantizationType, qtype)
+    ours = quant.gguf_quantize(w, qtype).numpy()
+    theirs = gguf.quants.quantize(w.numpy(), gtype)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+    back = quant.gguf_dequantize(torch.from_numpy(theirs), qtype, tuple(w.shape)).numpy()
+    assert np.array_equal(back, gguf.quants.dequantize(theirs, gtype))
+    assert quant.GGUFTensor.from_float(w, qtype).nbytes == w.numel() // 32 * quant.GGUF_BLOCK_BYTES[qtype]
+
+
+# ---------------------------------------------------------------------------------------------- properties
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", 32, 50, 128])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_error_bound_range_and_bytes(bits, granularity, symmetric):
+    w = rand(12, 160, seed=bits)
+    q = quant.quantize(w, bits, granularity, symmetric)
+    codes = q.codes()
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        assert codes.min() >= -qmax and codes.max() <= qmax
+    else:
+        assert codes.min() >= 0 and codes.max() <= 2 ** bits - 1
+    err = (w - q.dequantize()).abs()
+    step = q.per_weight(q.scale.float())
+    # half a step, plus the fp16 rounding of the scale at the clipped extreme (< 1 step relative 2^-11 * qmax)
+    assert (err <= step * 0.5 + step * 2 ** -10 * 2 ** bits).all()
+    n_groups = {"tensor": 1, "channel": 12}.get(granularity, 12 * -(-160 // granularity) if isinstance(granularity, int) else 0)
+    expected = 12 * 160 * bits // 8 + 2 * n_groups + (0 if symmetric else n_groups)
+    assert q.nbytes == expected
+
+
+def test_finer_granularity_is_more_accurate_on_outlier():
+    w = rand(32, 128, seed=9)
+    w[:, 5] *= 50                                                          # one outlier input column
+    err = {g: quant.quant_error(w, quant.quantize(w, 4, g)) for g in ("tensor", "channel", 32)}
+    assert err[32] < 0.75 * err["channel"] and err["channel"] < err["tensor"]                                 # the column hits every row's scale
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n", [1, 3, 8, 17])
+def test_pack_unpack_round_trip(bits, n):
+    codes = torch.randint(0, 2 ** bits, (n,), generator=torch.Generator().manual_seed(n))
+    packed = quant.pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-n * bits // 8)
+    assert torch.equal(quant.unpack_bits(packed, bits, n), codes.to(torch.int32))
+
+
+def test_partial_last_group_has_its_own_scale():
+    w = torch.zeros(2, 10)
+    w[:, 0] = 7.0                                                          # big value in the first full group
+    w[:, 8:] = torch.tensor([[0.7, -0.3], [0.07, 0.0]])                   # the short last group (2 of 4)
+    q = quant.quantize(w, 4, 4)
+    assert q.scale.shape == (2, 3, 1)
+    torch.testing.assert_close(q.scale[:, 2, 0].float(), torch.tensor([0.1, 0.01]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(q.dequantize(), w, atol=1e-3, rtol=0)
+
+
+def test_all_zero_weight_gives_zero():
+    q = quant.quantize(torch.zeros(3, 8), 4, 4)
+    assert torch.equal(q.dequantize(), torch.zeros(3, 8))
+
+
+def test_quant_linear_matches_dequantised_linear():
+    lin = torch.nn.Linear(64, 24, bias=False)
+    torch.nn.init.normal_(lin.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+    x = rand(3, 5, 64, seed=1)
+    for quantizer in (lambda w: quant.quantize(w, 4, 32), lambda w: quant.GGUFTensor.from_float(w, "Q4_0")):
+        ql = quant.QuantLinear.from_linear(lin, quantizer)
+        torch.testing.assert_close(ql(x), F.linear(x, ql.qweight.dequantize()), atol=1e-6, rtol=0)
+        assert ql(x).shape == (3, 5, 24)
+    int8 = quant.QuantLinear.from_linear(lin, lambda w: quant.quantize(w, 8, "channel"))
+    assert (int8(x) - lin(x)).norm() / lin(x).norm() < 0.01               # int8 within 1% of the float layer
+
+
+def test_quantize_model_counts_bytes_and_ties():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=1, d_model=32)
+    model = GPT(cfg).eval()
+    fp, fp_bytes = quant.quantize_model(model, quant.FloatTensor.from_float)
+    assert fp_bytes == 4 * model.num_params()                              # tied embedding counted once
+    q4, q4_bytes = quant.quantize_model(model, lambda w: quant.GGUFTensor.from_float(w, "Q4_0"))
+    n_w = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    assert q4_bytes == n_w // 32 * 18 + 4 * (model.num_params() - n_w)
+    assert q4.lm_head.weight is q4.tok_emb.weight                          # tie survives the copy
+    assert not torch.equal(q4.tok_emb.weight, model.tok_emb.weight)        # the original is untouched...
+    assert torch.equal(fp.tok_emb.weight, model.tok_emb.weight)            # ...and fp32 is the identity
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    nll = quant.token_nlls(model, torch.randint(0, 64, (50,), generator=torch.Generator().manual_seed(1)), 16)
+    assert nll.shape == (3, 16) and (nll > 0).all()
+    with torch.no_grad():
+        assert torch.equal(fp(idx)[0], model(idx)[0])
+
+
+# ---------------------------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(bits=3), ValueError, "bits"), (dict(bits=8.0), TypeError, "bits"), (dict(bits=True), TypeError, "bits"),
+    (dict(granularity="row"), ValueError, "granularity"), (dict(granularity=0), ValueError, "granularity"),
+    (dict(granularity=1.5), TypeError, "granularity"), (dict(symmetric=1), TypeError, "symmetric")])
+def test_quantize_bad_arguments(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        quant.quantize(torch.ones(2, 4), **kwargs)
+
+
+@pytest.mark.parametrize("w, err", [(torch.ones(4), ValueError), (torch.ones(0, 4), ValueError),
+                                    (torch.ones(2, 4, dtype=torch.long), TypeError), ([[1.0]], TypeError),
+                                    (torch.tensor([[1.0, float("nan")]]), ValueError)])
+def test_quantize_bad_weights(w, err):
+    with pytest.raises(err, match="w must"):
+        quant.quantize(w, 8)
+
+
+def test_gguf_bad_arguments():
+    with pytest.raises(ValueError, match="divisible by 32"):
+        quant.gguf_quantize(torch.ones(2, 40), "Q8_0")
+    with pytest.raises(ValueError, match="qtype"):
+        quant.gguf_quantize(torch.ones(2, 32), "Q4_K")
+    with pytest.raises(ValueError, match="bytes"):
+        quant.gguf_dequantize(torch.zeros(10, dtype=torch.uint8), "Q8_0", (1, 32))
+    with pytest.raises(ValueError, match="codes must lie"):
+        quant.pack_bits(torch.tensor([16]), 4)
+    with pytest.raises(TypeError, match="qweight"):
+        quant.QuantLinear(torch.ones(2, 2))
+    with pytest.raises(TypeError, match="quantizer"):
+        quant.quantize_model(torch.nn.Linear(2, 2), "int4")
