@@ -1,9 +1,12 @@
-"""Timing with warm-up and repeats, and memory accounting."""
+"""Timing with warm-up and repeats, and memory accounting (tensor bytes, and the process's resident memory)."""
 from __future__ import annotations
 
+import ctypes
+import os
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,3 +96,64 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (CPU; from getrusage)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc/self/statm); not the peak."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def large_allocations_from_os(threshold_bytes: int = 256 * 1024) -> bool:
+    """Ask glibc to serve every allocation above `threshold_bytes` with its own fresh mmap and unmap it on free.
+
+    By default glibc raises this threshold as a program frees big blocks and then recycles already-resident
+    heap memory, so RSS stops tracking live tensors. With a fixed threshold, a big tensor's pages become
+    resident only when written and go back to the OS when freed: RSS then measures what is live. Call it once,
+    early (a notebook's set-up). Returns False where this is not glibc.
+    """
+    if not isinstance(threshold_bytes, int) or threshold_bytes < 0:
+        raise ValueError(f"threshold_bytes must be a non-negative int, got {threshold_bytes!r}")
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False
+
+
+class PeakRSS:
+    """Peak growth of resident memory while a block runs, sampled by a background thread.
+
+        with PeakRSS() as mem:
+            y = attention(q, k, v)
+        mem.peak_growth      # bytes above the RSS at entry (>= 0)
+
+    Torch kernels release the GIL, so the sampler runs during them; a buffer alive for less than `interval_s`
+    can be missed, so read small values as "at most about this". Use with `large_allocations_from_os()`.
+    """
+
+    def __init__(self, interval_s: float = 2e-4):
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s!r}")
+        self.interval_s = interval_s
+        self.peak_growth = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> "PeakRSS":
+        self._start = self._peak = rss_bytes()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._peak = max(self._peak, rss_bytes())
+        self._stop.set()
+        self._thread.join()
+        self.peak_growth = max(0, self._peak - self._start)

@@ -2,6 +2,7 @@
 import importlib
 import io
 import math
+import time
 
 import matplotlib
 import pytest
@@ -62,6 +63,7 @@ def test_tensor_bytes():
     assert bench.tensor_bytes([x, [x]], x) == 10    # counted once however it is nested
     assert bench.tensor_bytes(torch.empty(2**20, device="meta"), torch.empty(2**20, device="meta")) == 2**23
     assert bench.peak_rss_bytes() > 1_000_000
+    assert bench.rss_bytes() > 1_000_000
     with pytest.raises(TypeError):
         bench.tensor_bytes("x")
 
@@ -133,3 +135,19 @@ def test_check_verdicts_and_table(capsys):
     assert [c.passed for c in table] == [True, True, True, True, True, False, False, False]
     assert table[1].max_abs_diff == pytest.approx(1e-7, rel=1e-3)
     assert "5 of 8 checks passed" in capsys.readouterr().out
+
+
+def test_peak_rss_sees_a_short_lived_buffer():
+    assert bench.large_allocations_from_os() in (True, False)
+    with bench.PeakRSS() as mem:
+        x = torch.ones(64 * 2**20 // 4)            # 64 MiB, written (so resident), then freed
+        time.sleep(0.01)
+        del x
+    assert mem.peak_growth > 32 * 2**20
+    with bench.PeakRSS() as idle:
+        pass
+    assert idle.peak_growth < 16 * 2**20
+    with pytest.raises(ValueError):
+        bench.PeakRSS(interval_s=0)
+    with pytest.raises(ValueError):
+        bench.large_allocations_from_os(-1)
