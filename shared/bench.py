@@ -122,6 +122,16 @@ def large_allocations_from_os(threshold_bytes: int = 256 * 1024) -> bool:
         return False
 
 
+def _release_free_heap() -> None:
+    """glibc's malloc_trim(0): hand the heap's free pages back to the OS. Without it, memory freed earlier stays
+    resident and is silently reused, so a new buffer would not raise RSS (a mmap threshold alone does not help:
+    glibc serves a request from a free heap chunk before it considers mmap)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakRSS:
     """Peak growth of resident memory while a block runs, sampled by a background thread.
 
@@ -130,7 +140,8 @@ class PeakRSS:
         mem.peak_growth      # bytes above the RSS at entry (>= 0)
 
     Torch kernels release the GIL, so the sampler runs during them; a buffer alive for less than `interval_s`
-    can be missed, so read small values as "at most about this". Use with `large_allocations_from_os()`.
+    can be missed, so read small values as "at most about this". Entering returns the heap's free pages to the OS
+    first (glibc), so that reused memory counts. Use with `large_allocations_from_os()`.
     """
 
     def __init__(self, interval_s: float = 2e-4):
@@ -146,6 +157,7 @@ class PeakRSS:
             time.sleep(self.interval_s)
 
     def __enter__(self) -> "PeakRSS":
+        _release_free_heap()
         self._start = self._peak = rss_bytes()
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, daemon=True)
