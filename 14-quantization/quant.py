@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["QuantTensor", "quantize", "pack_bits", "unpack_bits", "QuantLinear", "GGUFTensor", "gguf_quantize",
-           "gguf_dequantize", "GGUF_BLOCK_BYTES", "FloatTensor", "quantize_model", "token_nlls", "quant_error"]
+           "gguf_dequantize", "GGUF_BLOCK_BYTES", "FloatTensor", "quantize_model", "token_nlls", "quant_error",
+           "write_gguf"]
 
 GGUF_BLOCK = 32
 GGUF_BLOCK_BYTES = {"Q8_0": 2 + 32, "Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16}
@@ -329,6 +330,62 @@ class FloatTensor:
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+
+# ---------------------------------------------------------------------------------------------- .gguf files
+def _rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's q/k row order (RoPE pairs (i, i + D/2)) -> llama.cpp's (pairs (2i, 2i + 1)), as convert_hf_to_gguf.py."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model, path, qtype: str) -> int:
+    """Write a shared Llama-shaped `GPT` as a llama.cpp `.gguf` file: every 2-D weight as our `qtype` blocks,
+    norm gains float32. Returns the bytes of tensor data written. `transformers` loads it with
+    `AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)` (and dequantises it to float).
+    """
+    import gguf
+    import numpy as np
+
+    from shared.model import GPT
+
+    if not isinstance(model, GPT) or not model.cfg.tie_embeddings or model.cfg.pos != "rope":
+        raise TypeError("model must be a shared.model.GPT with RoPE and tied embeddings")
+    if qtype not in GGUF_BLOCK_BYTES:
+        raise ValueError(f"qtype must be one of {sorted(GGUF_BLOCK_BYTES)}, got {qtype!r}")
+    cfg = model.cfg
+    names = {"tok_emb.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}   # tied: no output.weight
+    for i in range(cfg.n_layer):
+        for ours, theirs in [("norm1", "attn_norm"), ("norm2", "ffn_norm"), ("attn.q_proj", "attn_q"),
+                             ("attn.k_proj", "attn_k"), ("attn.v_proj", "attn_v"), ("attn.o_proj", "attn_output"),
+                             ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down")]:
+            names[f"blocks.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}"))
+    state, written = model.state_dict(), 0
+    for key, name in names.items():
+        t = state[key].detach().float()
+        if key.endswith("q_proj.weight"):
+            t = _rope_permute(t, cfg.n_head)
+        elif key.endswith("k_proj.weight"):
+            t = _rope_permute(t, cfg.n_kv_head)
+        data = (gguf_quantize(t, qtype) if t.dim() == 2 else t).numpy()
+        writer.add_tensor(name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype) if t.dim() == 2 else None)
+        written += data.nbytes
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return written
 
 
 # ---------------------------------------------------------------------------------------------- whole model

@@ -189,3 +189,28 @@ def test_gguf_bad_arguments():
         quant.QuantLinear(torch.ones(2, 2))
     with pytest.raises(TypeError, match="quantizer"):
         quant.quantize_model(torch.nn.Linear(2, 2), "int4")
+
+
+# ---------------------------------------------------------------------------------------------- .gguf files
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_write_gguf_loads_in_transformers(tmp_path, qtype):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, d_model=64)
+    model = GPT(cfg).eval()
+    n_bytes = quant.write_gguf(model, tmp_path / "m.gguf", qtype)
+    ours, counted = quant.quantize_model(model, lambda w: quant.GGUFTensor.from_float(w, qtype))
+    assert n_bytes == counted                                              # the file holds exactly the counted bytes
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    idx = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():                                                  # same weights, HF's kernels: float noise
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0], atol=1e-5, rtol=0)
+
+
+def test_write_gguf_bad_arguments(tmp_path):
+    with pytest.raises(TypeError, match="GPT"):
+        quant.write_gguf(torch.nn.Linear(2, 2), tmp_path / "x.gguf", "Q8_0")
+    cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_kv_head=1, d_model=32)
+    with pytest.raises(ValueError, match="qtype"):
+        quant.write_gguf(GPT(cfg), tmp_path / "x.gguf", "F16")
