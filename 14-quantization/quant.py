@@ -25,7 +25,6 @@ Shapes: W (R, C) = (rows/out features, cols/in features); G groups per row; g gr
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
