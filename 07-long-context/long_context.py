@@ -252,15 +252,21 @@ def set_rope_scaling(model, scaling: str, trained_len: int, seq_len: int) -> Non
 # ----------------------------------------------------------------------------------------------------------
 # Online-softmax tiled attention ("flash" algorithm, in plain PyTorch)
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 64, block_k: int = 64,
-                    causal: bool = True) -> torch.Tensor:
+                    causal: bool = True, window: int | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v without ever holding the (T, T_k) score matrix: q (B, H, T, D), k, v (B, H, T_k, D).
 
     For each block of queries, sweep blocks of keys keeping a running max m, running sum l and an unnormalised
     output acc; when a new block raises the max, rescale the old sum and output by exp(m_old - m_new). Memory per
     query block is O(block_q * block_k), not O(T * T_k). Causal: queries are the last T of the T_k keys.
+    `window` (causal only): the band of `band_mask` without sinks; key blocks wholly older than the band are
+    skipped, not masked, so time grows as T * window instead of T * T_k.
     """
     _check_int("block_q", block_q, 1)
     _check_int("block_k", block_k, 1)
+    if window is not None:
+        _check_int("window", window, 1)
+        if not causal:
+            raise ValueError("window needs causal=True (a band looks back from each query)")
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"need q (B, H, T, D) and k, v (B, H, T_k, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -274,16 +280,36 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: 
         l = torch.zeros(qb.shape[:3], dtype=q.dtype)                     # running sum of exp
         acc = torch.zeros_like(qb)                                       # running sum of exp * v
         k_end = min(T_k, int(q_pos[-1]) + 1) if causal else T_k
-        for ks in range(0, k_end, block_k):
+        k_start = 0 if window is None else max(0, int(q_pos[0]) - window + 1) // block_k * block_k
+        for ks in range(k_start, k_end, block_k):
             s = qb @ k[:, :, ks:ks + block_k].transpose(-2, -1)           # (B, H, bq, bk)
             if causal:
                 k_pos = torch.arange(ks, ks + s.shape[-1])
-                s = s.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+                hidden = k_pos[None, :] > q_pos[:, None]
+                if window is not None:
+                    hidden |= q_pos[:, None] - k_pos[None, :] >= window
+                s = s.masked_fill(hidden, float("-inf"))
             m_new = torch.maximum(m, s.amax(dim=-1))
-            p = torch.exp(s - m_new[..., None])
-            correction = torch.exp(m - m_new)                           # 0 on the first block (m = -inf)
+            # a row that has seen no visible key yet (possible with a band) keeps m = -inf: shift it by 0 instead,
+            # so exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN
+            m_shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - m_shift[..., None])
+            correction = torch.exp(m - m_shift)                         # 0 on a row's first visible block (m = -inf)
             l = l * correction + p.sum(dim=-1)
             acc = acc * correction[..., None] + p @ v[:, :, ks:ks + block_k]
             m = m_new
         out[:, :, qs:qs + block_q] = acc / l[..., None]
     return out
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(D)) v with the whole (B, H, T, T_k) score matrix held in memory (the textbook
+    way, and what a band applied as a mask still costs); `window`: the band of `band_mask`, no sinks."""
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"need q (B, H, T, D) and k, v (B, H, T_k, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    T, T_k = q.shape[2], k.shape[2]
+    q_pos, k_pos = torch.arange(T_k - T, T_k), torch.arange(T_k)
+    visible = band_mask(q_pos, k_pos, window) if window is not None else k_pos[None, :] <= q_pos[:, None]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v

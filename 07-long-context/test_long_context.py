@@ -166,8 +166,28 @@ def test_tiled_attention_matches_sdpa(T, T_k, bq, bk, causal):
     torch.testing.assert_close(lc.tiled_attention(q, k, v, bq, bk, causal=causal), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("T,T_k,bq,bk,W", [(40, 40, 8, 8, 1), (40, 40, 8, 8, 5), (37, 37, 16, 7, 12), (20, 45, 7, 16, 9),
+                                           (64, 64, 16, 16, 100)])
+def test_tiled_band_matches_sdpa_and_explicit(T, T_k, bq, bk, W):
+    torch.manual_seed(5)
+    q = torch.randn(2, 3, T, 16)
+    k, v = torch.randn(2, 2, 3, T_k, 16).unbind(0)
+    mask = lc.band_mask(torch.arange(T_k - T, T_k), torch.arange(T_k), W)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(lc.tiled_attention(q, k, v, bq, bk, window=W), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lc.explicit_attention(q, k, v, window=W), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lc.explicit_attention(q, k, v), F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.ones(T, T_k, dtype=torch.bool).tril(T_k - T)), atol=1e-5, rtol=1e-5)
+
+
 def test_tiled_attention_bad_arguments():
     q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="causal"):
+        lc.tiled_attention(q, q, q, window=2, causal=False)
+    with pytest.raises(ValueError, match="window"):
+        lc.tiled_attention(q, q, q, window=0)
+    with pytest.raises(ValueError, match="need q"):
+        lc.explicit_attention(q, torch.randn(1, 1, 4, 6), torch.randn(1, 1, 4, 6))
     with pytest.raises(ValueError, match="block_q"):
         lc.tiled_attention(q, q, q, block_q=0)
     with pytest.raises(ValueError, match="need q"):
