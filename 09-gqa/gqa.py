@@ -18,10 +18,8 @@ G = H // K queries per key/value head, D head_dim, R latent rank.
 from __future__ import annotations
 
 import copy
-import ctypes
 import itertools
 import math
-import os
 import random
 from collections.abc import Callable, Sequence
 
@@ -408,27 +406,6 @@ def similarity_groups(distances: torch.Tensor, n_kv_head: int, worst: bool = Fal
 
 # ----------------------------------------------------------------------------------------------------------
 # Memory as the operating system sees it
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc/self/statm; not the peak)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def large_allocations_from_os(threshold_bytes: int = 256 * 1024) -> bool:
-    """Ask glibc to serve every allocation above `threshold_bytes` with its own fresh mmap and unmap it on free.
-
-    By default glibc raises this threshold as a program frees big blocks and then recycles already-resident
-    heap memory, so RSS stops tracking live tensors. With a fixed threshold, a big tensor's pages become
-    resident only when written and go back to the OS when freed. Returns False where this is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_MMAP_THRESHOLD = -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
-    except (OSError, AttributeError):
-        return False
-
-
 def copy_model(model: GPT, attn_factory=None) -> GPT:
     """The same weights in a GPT built with another attention module (state-dict keys must match)."""
     new = GPT(copy.deepcopy(model.cfg), attn_factory=attn_factory)
