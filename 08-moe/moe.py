@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.model import GPT, GPTConfig, MLP
+from shared.hf import llama_config_kwargs
 
 DISPATCHES = ("sparse", "dense", "loop")
 
@@ -263,19 +264,11 @@ def mixtral_config(model: MoEGPT, tokenizer=None):
     """The `MixtralConfig` of an `MoEGPT` (no sliding window, no router jitter)."""
     from transformers import MixtralConfig
 
-    cfg, m = model.cfg, model.moe_layers()[0]
-    special = {}
-    if tokenizer is not None:
-        special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                   "bos_token_id": tokenizer.bos_token_id}
+    m = model.moe_layers()[0]
+    kwargs = {**llama_config_kwargs(model.cfg, tokenizer), "intermediate_size": m.d_ff}   # the experts' width
     return MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=m.d_ff,
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-        head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, hidden_act="silu",
-        num_local_experts=m.n_experts, num_experts_per_tok=m.top_k, sliding_window=None, router_jitter_noise=0.0,
-        output_router_logits=False, router_aux_loss_coef=model.aux_coef, tie_word_embeddings=cfg.tie_embeddings,
-        initializer_range=cfg.init_std, **special)
+        **kwargs, num_local_experts=m.n_experts, num_experts_per_tok=m.top_k, sliding_window=None,
+        router_jitter_noise=0.0, output_router_logits=False, router_aux_loss_coef=model.aux_coef)
 
 
 def mixtral_state_dict(model: MoEGPT) -> dict[str, torch.Tensor]:

@@ -21,20 +21,25 @@ def _check_llama_shaped(model: GPT) -> None:
             raise ValueError("only models built from shared's Attention, MLP and RMSNorm can be exported")
 
 
-def llama_config(cfg: GPTConfig, tokenizer=None):
-    from transformers import LlamaConfig
-
+def llama_config_kwargs(cfg: GPTConfig, tokenizer=None) -> dict:
+    """The keyword arguments of a Llama-family config (LlamaConfig, MixtralConfig, ...) that a GPTConfig fixes:
+    sizes, RoPE, RMSNorm eps, SwiGLU, tying, init, and the tokenizer's special ids when one is given."""
     special = {}
     if tokenizer is not None:
         special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                    "bos_token_id": tokenizer.bos_token_id}
-    return LlamaConfig(
+    return dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
         head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, hidden_act="silu",
-        attention_bias=False, mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings,
-        initializer_range=cfg.init_std, **special)
+        tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std, **special)
+
+
+def llama_config(cfg: GPTConfig, tokenizer=None):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**llama_config_kwargs(cfg, tokenizer), attention_bias=False, mlp_bias=False)
 
 
 def _key_map(n_layer: int) -> dict[str, str]:
