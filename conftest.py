@@ -8,6 +8,13 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Under pytest-xdist (`pytest -n 2`: two workers, each executing one notebook at a time) every kernel gets one
+# torch thread: two notebooks side by side with one thread each finish sooner than one after the other with two
+# threads each (a tiny GPT's step gains only 1.4x from a second thread; kernel start, imports and plotting gain
+# nothing), and two-thread kernels on two busy cores would oversubscribe them. LLMP_THREADS set by hand wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("LLMP_THREADS", "1")
+
 # Seconds per test file (a notebook's cells summed), printed at the end of the run: the CI log then shows which
 # notebook costs what, against each one's budget, without a second timed run.
 _seconds_per_file: dict[str, float] = {}
