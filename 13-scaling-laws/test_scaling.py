@@ -1,0 +1,132 @@
+"""Tests for scaling.py: closed forms vs the module and FlopCounterMode, fits on known curves, bad arguments."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import scaling
+from shared.model import GPT, GPTConfig
+
+
+SHAPES = [dict(d_model=16, n_layer=1, n_head=2), dict(d_model=48, n_layer=2, n_head=3),
+          dict(d_model=64, n_layer=3, n_head=4)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_non_embedding_params_equal_module_count(shape):
+    cfg = scaling.config(**shape, vocab_size=97, seq_len=16)
+    model = GPT(cfg)
+    assert scaling.non_embedding_params(cfg) == model.num_params(non_embedding=True)
+    assert scaling.matrix_params(cfg) == sum(p.numel() for p in model.parameters() if p.dim() == 2) \
+        - model.tok_emb.weight.numel()
+
+
+def test_non_embedding_params_with_grouped_kv_heads():
+    cfg = GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=4, n_kv_head=2, d_model=32)
+    assert scaling.non_embedding_params(cfg) == GPT(cfg).num_params(non_embedding=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_train_flops_total_equals_flop_counter_exactly(shape):
+    # FLOP counts are integers: the closed form must match the counter exactly (rtol 0)
+    cfg = scaling.config(**shape, vocab_size=97, seq_len=16)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, 97, (3, 16))
+    counted = scaling.count_step_flops(model, x, x)
+    terms = scaling.train_flops(cfg, x.numel())
+    assert counted == terms["total"]
+    assert terms["6ND"] < counted                            # 6ND leaves out the LM head and attention
+    # the terms add up: 6ND over-counts only the norm gains (no matmul), by 6 * D * (2L + 1) * C
+    extra = 6 * x.numel() * (2 * cfg.n_layer + 1) * cfg.d_model
+    assert terms["6ND"] + terms["lm_head"] + terms["attention"] - counted == extra
+
+
+def test_flash_attention_is_invisible_to_the_counter_on_cpu():
+    cfg = scaling.config(32, 2, 2, vocab_size=64, seq_len=16)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, 64, (2, 16))
+    terms = scaling.train_flops(cfg, x.numel())
+    assert scaling.count_step_flops(model, x, x, math_attention=False) == terms["total"] - terms["attention"]
+
+
+def test_flops_scale_linearly_in_tokens():
+    cfg = scaling.config(32, 2, 2, vocab_size=64, seq_len=16)
+    a, b = scaling.train_flops(cfg, 1000), scaling.train_flops(cfg, 3000)
+    assert all(math.isclose(3 * a[k], b[k]) for k in a)
+
+
+def test_fit_recovers_a_known_curve():
+    n = np.geomspace(1e3, 1e5, 6)
+    true = scaling.LossFit(E=0.3, A=5.0, alpha=0.4, floor=True)
+    fit = scaling.fit_loss_curve(n, true.predict(n))
+    assert fit.E == pytest.approx(0.3, rel=1e-4)
+    assert fit.A == pytest.approx(5.0, rel=1e-3)
+    assert fit.alpha == pytest.approx(0.4, rel=1e-4)
+    pure = scaling.fit_loss_curve(n, 5.0 * n ** -0.4, floor=False)
+    assert pure.E == 0.0 and pure.alpha == pytest.approx(0.4, rel=1e-5)
+
+
+def test_pure_power_law_over_predicts_gains_when_there_is_a_floor():
+    n = np.geomspace(1e3, 1e5, 6)
+    true = scaling.LossFit(E=0.3, A=5.0, alpha=0.4, floor=True)
+    pure = scaling.fit_loss_curve(n, true.predict(n), floor=False)
+    assert pure.predict(1e7) < true.predict(1e7) - 0.05       # extrapolates below the floor it cannot see
+
+
+def test_bootstrap_spread_covers_the_truth_on_noisy_points():
+    rng = np.random.default_rng(1)
+    n = np.repeat(np.geomspace(1e3, 1e5, 6), 2)
+    true = scaling.LossFit(E=0.3, A=5.0, alpha=0.4, floor=True)
+    loss = true.predict(n) * (1 + 0.01 * rng.standard_normal(len(n)))
+    fits = scaling.bootstrap_fit(n, loss, n_boot=100, seed=0)
+    alphas, floors = np.array([f.alpha for f in fits]), np.array([f.E for f in fits])
+    assert len(fits) == 100
+    assert np.quantile(alphas, 0.02) < 0.4 < np.quantile(alphas, 0.98)
+    assert np.quantile(floors, 0.02) < 0.3 < np.quantile(floors, 0.98)
+    same = scaling.bootstrap_fit(n, true.predict(n), n_boot=5, seed=0)     # noiseless: every resample agrees
+    assert np.allclose([f.alpha for f in same], 0.4, rtol=1e-3)
+
+
+def test_units_round_trip_and_known_value():
+    assert scaling.nats_per_token_to_bits_per_char(math.log(2), 10, 10) == pytest.approx(1.0)
+    assert scaling.nats_per_token_to_bits_per_char(math.log(2), 10, 40) == pytest.approx(0.25)   # 4 chars/token
+    b = scaling.nats_per_token_to_bits_per_char(1.7, 123, 456)
+    assert scaling.bits_per_char_to_nats_per_token(b, 123, 456) == pytest.approx(1.7, rel=1e-12)
+
+
+@pytest.mark.parametrize("args, exc", [((0, 1, 1, 10, 8), ValueError), ((16.0, 1, 1, 10, 8), TypeError),
+                                       ((16, 1, 3, 10, 8), ValueError), ((16, True, 1, 10, 8), TypeError)])
+def test_config_bad_arguments(args, exc):
+    with pytest.raises(exc):
+        scaling.config(*args)
+
+
+def test_closed_forms_refuse_other_recipes():
+    with pytest.raises(TypeError, match="GPTConfig"):
+        scaling.non_embedding_params({"d_model": 16})
+    with pytest.raises(ValueError, match="swiglu"):
+        scaling.train_flops(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, d_model=8, act="gelu"), 10)
+    with pytest.raises(ValueError, match="n_tokens"):
+        scaling.train_flops(scaling.config(8, 1, 1, 10, 8), 0)
+
+
+def test_fit_bad_arguments():
+    with pytest.raises(ValueError, match="3 distinct"):
+        scaling.fit_loss_curve([1e3, 1e3, 1e4], [1.0, 1.1, 0.9])
+    with pytest.raises(ValueError, match="one length"):
+        scaling.fit_loss_curve([1e3, 1e4, 1e5], [1.0, 0.9])
+    with pytest.raises(ValueError, match="finite"):
+        scaling.fit_loss_curve([1e3, 1e4, 1e5], [1.0, -0.9, 0.8])
+    with pytest.raises(ValueError, match="min_sizes"):
+        scaling.bootstrap_fit([1e3, 1e4, 1e5], [1.0, 0.9, 0.8], min_sizes=4)
+    with pytest.raises(ValueError, match="n_tokens"):
+        scaling.nats_per_token_to_bits_per_char(1.0, 0, 10)
+
+
+def test_count_step_flops_shape_mismatch():
+    model = GPT(scaling.config(8, 1, 1, 10, 8))
+    with pytest.raises(ValueError, match="one shape"):
+        scaling.count_step_flops(model, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 7, dtype=torch.long))
