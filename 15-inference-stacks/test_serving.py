@@ -1,0 +1,180 @@
+"""Tests for serving.py (paged KV cache, paged forward, continuous batching) and stack_bench's argument checks.
+
+References: the shared GPT's own forward (logits, atol 1e-5), `Attention.project` (atol 1e-6) and one-request-at-a-
+time greedy decoding with `shared.model.decode` (token ids, exact). The test model is a small random GPT with a
+large init so that its greedy choices are decisive (no near-ties that float rounding of a batched matmul could flip).
+"""
+import pytest
+import torch
+
+import stack_bench
+from serving import (Engine, OutOfBlocksError, PagedKVCache, Request, forward_paged, mixed_workload, project_at,
+                     reference_outputs)
+from shared.model import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=97, block_size=96, n_layer=2, n_head=4, n_kv_head=2, d_model=32, init_std=0.3)
+    return GPT(cfg).eval()
+
+
+def workload(n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 97, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n)]
+    new = [int(x) for x in torch.randint(1, 30, (n,), generator=g)]
+    return prompts, new
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+def test_block_tables_free_list_and_reuse():
+    c = PagedKVCache(n_layer=1, n_kv_head=1, head_dim=2, num_blocks=4, block_size=4)
+    c.reserve(0, 5)                      # 2 blocks
+    c.reserve(1, 4)                      # exactly 1 block
+    assert c.tables == {0: [0, 1], 1: [2]} and list(c.free) == [3]
+    c.lengths[0], c.lengths[1] = 5, 4
+    assert c.blocks_needed(0, 3) == 0 and c.blocks_needed(0, 4) == 1 and c.blocks_needed(1, 1) == 1
+    assert c.reserved_slots - c.stored_tokens == 3
+    c.release(0)
+    assert list(c.free) == [3, 0, 1] and 0 not in c.tables
+    c.reserve(2, 9)                      # 3 blocks: every freed block is reused
+    assert sorted(c.tables[2]) == [0, 1, 3] and not c.free
+
+
+def test_out_of_blocks_takes_nothing():
+    c = PagedKVCache(1, 1, 2, num_blocks=2, block_size=2)
+    c.reserve(0, 3)
+    with pytest.raises(OutOfBlocksError, match="needs 1 more blocks, 0 are free"):
+        c.reserve(1, 1)
+    assert 1 not in c.tables and c.used_blocks == 2
+
+
+def test_write_read_through_table_roundtrip():
+    c = PagedKVCache(n_layer=2, n_kv_head=2, head_dim=3, num_blocks=5, block_size=2)
+    c.reserve(7, 1)
+    c.reserve(3, 5)                      # seq 3 gets non-contiguous blocks after seq 7's
+    k, v = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    c.write(1, 3, 0, k[:, :4], v[:, :4])
+    c.write(1, 3, 4, k[:, 4:], v[:, 4:])
+    k_back, v_back = c.read(1, 3, 5)
+    torch.testing.assert_close(k_back, k, atol=0, rtol=0)
+    torch.testing.assert_close(v_back, v, atol=0, rtol=0)
+    assert torch.equal(c.slots(3, 0, 5), torch.tensor([2, 3, 4, 5, 6]))
+    with pytest.raises(OutOfBlocksError, match="not reserved"):
+        c.write(1, 3, 5, k[:, :2], v[:, :2])
+
+
+def test_cache_bad_arguments():
+    with pytest.raises(ValueError, match="num_blocks must be >= 1"):
+        PagedKVCache(1, 1, 2, num_blocks=0, block_size=2)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        PagedKVCache(1, 1, 2, num_blocks=2, block_size=2.0)
+    with pytest.raises(TypeError, match="dtype"):
+        PagedKVCache(1, 1, 2, 2, 2, dtype=torch.int64)
+    c = PagedKVCache(1, 1, 2, 2, 2)
+    with pytest.raises(KeyError, match="holds no blocks"):
+        c.release(5)
+    with pytest.raises(ValueError, match="n_new must be >= 0"):
+        c.reserve(0, -1)
+
+
+# ---------------------------------------------------------------------------------------------- the forward
+def test_project_at_equals_project(model):
+    x = torch.randn(1, 6, model.cfg.d_model)
+    attn = model.blocks[1].attn
+    for a, b in zip(project_at(attn, x, torch.arange(3, 9)), attn.project(x, start_pos=3)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_forward_paged_matches_model(model):
+    pa, pb = [1, 2, 3, 4, 5, 6, 7], [9]                      # a prompt spanning blocks, and a length-1 prompt
+    c = PagedKVCache.for_model(model, num_blocks=8, block_size=3)
+    c.reserve(0, len(pa))
+    c.reserve(1, len(pb))
+    with torch.no_grad():
+        out = forward_paged(model, c, [0, 1], [torch.tensor(pa), torch.tensor(pb)])
+        ref = torch.stack([model(torch.tensor([p]))[0][0, -1] for p in (pa, pb)])
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        c.reserve(0, 1)
+        c.reserve(1, 2)
+        out = forward_paged(model, c, [1, 0], [torch.tensor([4, 5]), torch.tensor([11])])   # chunk of 2, decode
+        ref = torch.stack([model(torch.tensor([p]))[0][0, -1] for p in (pb + [4, 5], pa + [11])])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert c.lengths == {0: 8, 1: 3}
+
+
+def test_forward_paged_refuses_unreserved(model):
+    c = PagedKVCache.for_model(model, num_blocks=2, block_size=2)
+    c.reserve(0, 2)
+    with pytest.raises(OutOfBlocksError):
+        forward_paged(model, c, [0], [torch.tensor([1, 2, 3])])
+    with pytest.raises(ValueError, match="one chunk per sequence"):
+        forward_paged(model, c, [0], [])
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+@pytest.mark.parametrize("policy,num_blocks,max_batch", [("continuous", 64, 4), ("static", 64, 4),
+                                                          ("continuous", 12, 4), ("continuous", 64, 1)])
+def test_engine_tokens_equal_sequential_greedy(model, policy, num_blocks, max_batch):
+    prompts, new = workload()
+    ref = reference_outputs(model, mixed_workload(prompts, new))
+    engine = Engine(model, num_blocks=num_blocks, block_size=4, max_batch=max_batch, policy=policy)
+    done = engine.run(mixed_workload(prompts, new))
+    assert [r.output for r in done] == ref
+    assert engine.cache.used_blocks == 0 and not engine.cache.tables       # no leaks
+    assert all(s.running <= max_batch for s in engine.trace)
+    # every new token comes from a prefill (the first after each admission) or a decode step
+    assert sum(s.decode_tokens for s in engine.trace) + sum(r.prefills for r in done) == sum(new)
+    if num_blocks == 12:                                                  # small pool: preempted, recomputed
+        assert sum(s.preempted for s in engine.trace) > 0 and sum(s.recomputed_tokens for s in engine.trace) > 0
+
+
+def test_continuous_not_slower_than_static_and_arrivals(model):
+    prompts, new = workload(12, seed=1)
+    steps = {}
+    for policy in ("static", "continuous"):
+        e = Engine(model, num_blocks=64, block_size=4, max_batch=4, policy=policy)
+        e.run(mixed_workload(prompts, new))
+        steps[policy] = len(e.trace)
+    assert steps["continuous"] <= steps["static"]
+    e = Engine(model, num_blocks=64, block_size=4, max_batch=4)
+    done = e.run(mixed_workload(prompts, new, arrivals=list(range(0, 24, 2))))
+    assert all(r.admitted >= r.arrival and r.finished >= r.first_token >= r.admitted for r in done)
+    assert [r.output for r in done] == reference_outputs(model, mixed_workload(prompts, new))
+
+
+def test_engine_bad_arguments(model):
+    with pytest.raises(ValueError, match="policy must be one of"):
+        Engine(model, num_blocks=4, policy="eager")
+    with pytest.raises(TypeError, match="shared.model.GPT"):
+        Engine(torch.nn.Linear(2, 2), num_blocks=4)
+    e = Engine(model, num_blocks=2, block_size=4)
+    with pytest.raises(ValueError, match="could never finish"):
+        e.add(Request(0, [1, 2, 3], 10))                                   # needs 3 blocks, pool has 2
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        Engine(model, num_blocks=64, block_size=4).add(Request(0, [1] * 90, 10))
+    with pytest.raises(TypeError, match="must be a Request"):
+        e.add({"prompt": [1]})
+    with pytest.raises(RuntimeError, match="nothing to run"):
+        e.step()
+    with pytest.raises(TypeError, match="non-empty list"):
+        Request(0, [], 3)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        Request(0, [1], 0)
+    with pytest.raises(ValueError, match="same length"):
+        mixed_workload([[1], [2]], [3])
+
+
+# ---------------------------------------------------------------------------------------------- the harness
+def test_harness_arguments_and_skips(tmp_path):
+    with pytest.raises(ValueError, match="stack must be one of"):
+        stack_bench.run_stack("tensorrt", tmp_path, [[1, 2]], 4)
+    with pytest.raises(ValueError, match="same length"):
+        stack_bench.run_stack("hf", tmp_path, [[1, 2], [3]], 4)
+    with pytest.raises(ValueError, match="max_new must be an int >= 1"):
+        stack_bench.run_stack("hf", tmp_path, [[1, 2]], 0)
+    skipped = stack_bench.skipped_stacks()
+    assert skipped and all(isinstance(r, str) and r for r in skipped.values())
+    assert not set(skipped) & set(stack_bench.STACKS)
