@@ -22,6 +22,7 @@ this step, L tokens stored for a sequence, S = num_blocks x block_size slots in 
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -65,16 +66,22 @@ class PagedKVCache:
     """Keys and values of many sequences in one pool of fixed-size blocks.
 
     `k`, `v`: (N, num_blocks, block_size, K, D). `tables[seq]` is the sequence's block table (block ids in
-    order) and `lengths[seq]` the tokens it has stored. `free` is the free list (a FIFO of block ids).
+    order) and `lengths[seq]` the tokens it has stored. `free` is the free list (a FIFO of block ids);
+    `refcount[block]` counts the tables holding a block (more than one only when a prefix is shared).
     `reserve(seq, n)` takes the blocks needed to store n more tokens (raising `OutOfBlocksError`, with nothing
     taken, when the pool cannot); `write` / `read` store and gather one layer's keys/values through the table;
-    `release(seq)` returns every block of a sequence to the free list.
+    `release(seq)` returns every block of a sequence to the free list. With `prefix_caching`, full blocks are
+    also indexed by a hash of the whole prefix they end (`register_prefix`), and a new sequence starts on the
+    blocks of its longest cached prefix (`match_prefix`) instead of recomputing them; a freed block keeps its
+    hash until it is handed out again (so the least recently freed prefix is forgotten first).
     """
 
     def __init__(self, n_layer: int, n_kv_head: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", prefix_caching: bool = False):
         _check_ints(1, n_layer=n_layer, n_kv_head=n_kv_head, head_dim=head_dim, num_blocks=num_blocks,
                     block_size=block_size)
+        if not isinstance(prefix_caching, bool):
+            raise TypeError(f"prefix_caching must be a bool, got {type(prefix_caching).__name__}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         shape = (n_layer, num_blocks, block_size, n_kv_head, head_dim)
@@ -84,12 +91,18 @@ class PagedKVCache:
         self.free: deque[int] = deque(range(num_blocks))
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
+        self.refcount = [0] * num_blocks          # sequences whose table holds the block (> 1: a shared prefix)
+        self.prefix_caching = prefix_caching
+        self.cached: dict[int, int] = {}          # prefix hash -> block holding that full block of tokens
+        self.hash_of: dict[int, int] = {}         # block -> its prefix hash (kept while the block is free)
 
     @classmethod
-    def for_model(cls, model: GPT, num_blocks: int, block_size: int) -> "PagedKVCache":
+    def for_model(cls, model: GPT, num_blocks: int, block_size: int, prefix_caching: bool = False
+                  ) -> "PagedKVCache":
         _check_model(model)
         cfg, w = model.cfg, model.tok_emb.weight
-        return cls(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, num_blocks, block_size, w.dtype, w.device)
+        return cls(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, num_blocks, block_size, w.dtype, w.device,
+                   prefix_caching)
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def blocks_for(self, n_tokens: int) -> int:
@@ -109,14 +122,67 @@ class PagedKVCache:
             raise OutOfBlocksError(f"sequence {seq} needs {need} more blocks, {len(self.free)} are free")
         table = self.tables.setdefault(seq, [])
         self.lengths.setdefault(seq, 0)
-        table.extend(self.free.popleft() for _ in range(need))
+        for _ in range(need):
+            block = self.free.popleft()                      # the least recently freed block
+            if block in self.hash_of:                        # it held a cached prefix: that entry is gone now
+                del self.cached[self.hash_of.pop(block)]
+            self.refcount[block] = 1
+            table.append(block)
 
     def release(self, seq: int) -> None:
-        """Give every block of `seq` back to the free list and forget the sequence."""
+        """Drop `seq`'s hold on its blocks and forget the sequence; a block no sequence holds any more goes back
+        to the free list (with prefix caching it keeps its contents and its hash until it is handed out again)."""
         if seq not in self.tables:
             raise KeyError(f"sequence {seq} holds no blocks")
-        self.free.extend(self.tables.pop(seq))
+        for block in self.tables.pop(seq):
+            self.refcount[block] -= 1
+            if self.refcount[block] == 0:
+                self.free.append(block)
         del self.lengths[seq]
+
+    # -- prefix caching ----------------------------------------------------------------------------------
+    def _prefix_hashes(self, tokens: list[int]) -> list[int]:
+        """One hash per *full* block of `tokens`, each chained to the previous one: block i's hash names the
+        whole prefix tokens[: (i + 1) * block_size], so equal hashes mean equal keys/values at equal positions."""
+        hashes, h = [], 0
+        for i in range(len(tokens) // self.block_size):
+            h = hash((h, tuple(tokens[i * self.block_size:(i + 1) * self.block_size])))
+            hashes.append(h)
+        return hashes
+
+    def match_prefix(self, seq: int, tokens: list[int]) -> int:
+        """Start a new sequence on the cached blocks of its longest cached prefix; returns the tokens matched.
+
+        Matches whole blocks only, and never the last token (its logits are needed, so it must be computed).
+        Matched blocks are shared (refcount + 1) and never written again: the sequence writes only from the
+        first unmatched position on, which starts a fresh block."""
+        if seq in self.tables:
+            raise ValueError(f"sequence {seq} already holds blocks: match_prefix starts a new sequence")
+        table = self.tables.setdefault(seq, [])
+        self.lengths[seq] = 0
+        if not self.prefix_caching:
+            return 0
+        for h in self._prefix_hashes(tokens[:-1]):
+            block = self.cached.get(h)
+            if block is None:
+                break
+            if self.refcount[block] == 0:
+                self.free.remove(block)                      # a cached free block comes back into use
+            self.refcount[block] += 1
+            table.append(block)
+        self.lengths[seq] = len(table) * self.block_size
+        return self.lengths[seq]
+
+    def register_prefix(self, seq: int, tokens: list[int]) -> None:
+        """Publish the full blocks of `seq` that hold `tokens` (its first len(tokens) tokens, already stored)
+        so that later sequences with the same prefix can share them."""
+        if not self.prefix_caching:
+            return
+        if len(tokens) > self.lengths[seq]:
+            raise ValueError(f"sequence {seq} stores {self.lengths[seq]} tokens, cannot register {len(tokens)}")
+        for h, block in zip(self._prefix_hashes(tokens), self.tables[seq]):
+            if h not in self.cached and block not in self.hash_of:
+                self.cached[h], self.hash_of[block] = block, h
 
     def slots(self, seq: int, start: int, n: int) -> torch.Tensor:
         """Flat pool slots (block * block_size + offset) of tokens start .. start + n - 1 of `seq`: (n,) long."""
@@ -236,6 +302,7 @@ class Request:
     finished: int | None = None            # step that produced the last one
     preemptions: int = 0
     prefills: int = 0                      # times its context was run through the model (> 1: recomputed)
+    cached_tokens: int = 0                 # context tokens found in the prefix cache at its (last) admission
 
     def __post_init__(self):
         _check_ints(0, rid=self.rid, arrival=self.arrival)
@@ -269,6 +336,8 @@ class StepStats:
     contiguous_slots: int     # slots a per-request contiguous cache sized for the longest request would hold
     preempted: int            # sequences preempted this step
     recomputed_tokens: int    # prefill tokens that were already computed once before a preemption
+    prefix_hit_tokens: int    # prompt tokens of newly admitted sequences found in the prefix cache (not computed)
+    cpu_s: float = 0.0        # process CPU seconds of the step (machine-dependent; everything else is not)
 
 
 class Engine:
@@ -281,18 +350,22 @@ class Engine:
     `forward_paged` runs the prefills of newly admitted sequences and one decode token of every other one;
     (5) greedy tokens are appended, and finished requests release their blocks.
 
+    With `prefix_caching`, an admitted request first takes the cached blocks of its longest prefix already in
+    the pool (`PagedKVCache.match_prefix`, whole blocks, by chained hash) and prefills only the rest; its full
+    blocks are published for later requests after its prefill (`register_prefix`).
+
     `contiguous_len` (default: the longest `max_len` of the requests added) sizes the per-request contiguous
     cache that the trace's `contiguous_slots` compares against.
     """
 
     def __init__(self, model: GPT, num_blocks: int, block_size: int = 8, max_batch: int = 8,
-                 policy: str = "continuous"):
+                 policy: str = "continuous", prefix_caching: bool = False):
         _check_model(model)
         _check_ints(1, num_blocks=num_blocks, block_size=block_size, max_batch=max_batch)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.model, self.policy, self.max_batch = model, policy, max_batch
-        self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
+        self.cache = PagedKVCache.for_model(model, num_blocks, block_size, prefix_caching)
         self.pending: list[Request] = []       # not arrived yet
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []       # admission order: the last is preempted first
@@ -332,7 +405,8 @@ class Engine:
             if need > len(self.cache.free):
                 break
             self.waiting.popleft()
-            self.cache.reserve(req.rid, len(req.context))
+            req.cached_tokens = self.cache.match_prefix(req.rid, req.context)    # 0 without prefix caching
+            self.cache.reserve(req.rid, len(req.context) - req.cached_tokens)
             req.admitted = self.step_no
             self.running.append(req)
             admitted.append(req)
@@ -351,6 +425,7 @@ class Engine:
         """Run one scheduling step and one forward pass; returns (and records) its `StepStats`."""
         if not self.busy:
             raise RuntimeError("nothing to run: every request has finished")
+        t0 = time.process_time()
         arrived = [r for r in self.pending if r.arrival <= self.step_no]
         self.pending = [r for r in self.pending if r.arrival > self.step_no]
         self.waiting.extend(sorted(arrived, key=lambda r: (r.arrival, r.rid)))
@@ -366,12 +441,13 @@ class Engine:
             if req in self.running:
                 self.cache.reserve(req.rid, 1)
         seqs, chunks = [], []
-        prefill = recomputed = 0
+        prefill = recomputed = hits = 0
         for req in self.running:
             if req in new:
-                tokens = req.context
+                tokens = req.context[req.cached_tokens:]   # what the prefix cache did not already hold
                 prefill += len(tokens)
-                if req.prefills:                   # it ran before a preemption: all of this is computed again
+                hits += req.cached_tokens
+                if req.prefills:                   # it ran before a preemption: this is computed again
                     recomputed += len(tokens)
                 req.prefills += 1
             else:
@@ -382,6 +458,8 @@ class Engine:
         rows = len(self.batch) if self.policy == "static" else n_running   # rows holding a contiguous cache
         if seqs:
             logits = forward_paged(self.model, self.cache, seqs, chunks)
+            for req in new:
+                self.cache.register_prefix(req.rid, req.context)
             for req, nxt in zip(list(self.running), logits.argmax(dim=-1).tolist()):
                 if req.first_token is None:
                     req.first_token = self.step_no
@@ -397,7 +475,8 @@ class Engine:
             step=self.step_no, running=n_running, idle_slots=self.max_batch - n_running,
             prefill_tokens=prefill, decode_tokens=n_running - len(new), waiting=len(self.waiting),
             finished=len(self.done), stored_tokens=self.cache.stored_tokens, paged_slots=self.cache.reserved_slots,
-            contiguous_slots=rows * self.contiguous_len, preempted=preempted, recomputed_tokens=recomputed)
+            contiguous_slots=rows * self.contiguous_len, preempted=preempted, recomputed_tokens=recomputed,
+            prefix_hit_tokens=hits, cpu_s=time.process_time() - t0)
         self.trace.append(stats)
         self.step_no += 1
         return stats

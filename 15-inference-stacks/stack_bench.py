@@ -15,7 +15,9 @@ Torch, ONNX Runtime and CTranslate2 are each given `threads` intra-op threads.
 Stacks: "ours-nocache" (shared `decode`, the whole prefix re-run every step), "ours-cache" (shared `decode` with its
 KV cache), "ours-paged" (this folder's continuous batcher, `serving.Engine`), "hf" (transformers `generate`),
 "onnx" (`torch.onnx.export(dynamo=True)` of the Llama model without past key/values, driven by our own greedy
-loop that re-runs the whole prefix every step), "ct2" (CTranslate2, converted by its TransformersConverter).
+loop that re-runs the whole prefix every step), "ct2" (CTranslate2, converted by its TransformersConverter),
+"deepspeed" (`deepspeed.init_inference` on its CPU accelerator, world size 1, without kernel injection since its
+fused inference kernels are CUDA-only: its engine wraps the same 🤗 module and calls its `generate`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-STACKS = ("ours-nocache", "ours-cache", "ours-paged", "hf", "onnx", "ct2")
+STACKS = ("ours-nocache", "ours-cache", "ours-paged", "hf", "deepspeed", "onnx", "ct2")
 HERE = Path(__file__).resolve().parent
 
 
@@ -50,7 +52,6 @@ def skipped_stacks() -> dict[str, str]:
         reasons["exllamav2"] = "exllamav2 is not installed"
     if shutil.which("llama-cli") is None and importlib.util.find_spec("llama_cpp") is None:
         reasons["llama.cpp"] = "neither llama-cli nor llama-cpp-python is installed"
-    reasons["deepspeed"] = "installed, not yet wired into this harness (a later step)"
     return reasons
 
 
@@ -149,13 +150,24 @@ def _load(stack, model_dir, threads):
                 stamps.append(time.perf_counter())
             return [r.output for r in sorted(engine.done, key=lambda r: r.rid)]
         return generate
-    if stack == "hf":
+    if stack in ("hf", "deepspeed"):
         import torch
         from transformers import LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
+        if stack == "deepspeed":     # one process, world size 1: DeepSpeed wants the torch.distributed variables
+            import socket
+
+            with socket.socket() as sock:                    # a free port, not a fixed one another job may hold
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                              WORLD_SIZE="1")
+            import deepspeed
         _imported()
         model = LlamaForCausalLM.from_pretrained(model_dir).eval()
         model.generation_config.eos_token_id = None          # exactly max_new tokens, like every other stack
+        if stack == "deepspeed":     # CPU accelerator; its fused inference kernels are CUDA-only: no injection
+            model = deepspeed.init_inference(model, dtype=torch.float32, replace_with_kernel_inject=False)
 
         class Stamp(LogitsProcessor):
             def __init__(self, stamps):

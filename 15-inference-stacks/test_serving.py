@@ -178,3 +178,49 @@ def test_harness_arguments_and_skips(tmp_path):
     skipped = stack_bench.skipped_stacks()
     assert skipped and all(isinstance(r, str) and r for r in skipped.values())
     assert not set(skipped) & set(stack_bench.STACKS)
+
+
+# ---------------------------------------------------------------------------------------------- prefix caching
+def test_prefix_blocks_shared_and_freed():
+    c = PagedKVCache(1, 1, 2, num_blocks=6, block_size=2, prefix_caching=True)
+    prompt = [5, 6, 7, 8, 9]
+    assert c.match_prefix(0, prompt) == 0
+    c.reserve(0, 5)
+    c.lengths[0] = 5
+    c.register_prefix(0, prompt)                               # blocks holding [5,6] and [7,8] published
+    assert c.match_prefix(1, prompt + [1]) == 4                # two whole blocks; never the last token
+    assert c.tables[1] == c.tables[0][:2] and c.refcount[c.tables[0][0]] == 2
+    assert c.match_prefix(2, [5, 6, 0, 0, 1]) == 2             # the chain breaks at the second block
+    assert PagedKVCache(1, 1, 2, 6, 2).match_prefix(0, prompt) == 0    # off: no sharing
+    for seq in (0, 1, 2):
+        c.release(seq)
+    assert c.used_blocks == 0 and sum(c.refcount) == 0
+    assert c.match_prefix(3, prompt) == 4                      # freed blocks keep their prefix until reused
+    with pytest.raises(ValueError, match="already holds blocks"):
+        c.match_prefix(3, prompt)
+    with pytest.raises(TypeError, match="prefix_caching must be a bool"):
+        PagedKVCache(1, 1, 2, 6, 2, prefix_caching=1)
+
+
+@pytest.mark.parametrize("pool", ["ample", "tight"])
+def test_engine_prefix_caching_equal_tokens_fewer_prefill(model, pool):
+    system = list(range(1, 17))                                # a 16-token shared system prompt
+    prompts, new = workload(10, seed=2)
+    prompts = [system + p for p in prompts]
+    longest = max(-(-(len(p) + n - 1) // 4) for p, n in zip(prompts, new))
+    num_blocks = 64 if pool == "ample" else longest + 2         # tight: preemptions while prefixes are shared
+    ref = reference_outputs(model, mixed_workload(prompts, new))
+    work = {}
+    for pc in (False, True):
+        e = Engine(model, num_blocks=num_blocks, block_size=4, max_batch=4, prefix_caching=pc)
+        done = e.run(mixed_workload(prompts, new, arrivals=list(range(10))))
+        assert [r.output for r in done] == ref
+        assert e.cache.used_blocks == 0 and sum(e.cache.refcount) == 0
+        work[pc] = (sum(s.prefill_tokens for s in e.trace), sum(s.prefix_hit_tokens for s in e.trace),
+                    sum(s.preempted for s in e.trace))
+    assert work[False][1] == 0 and work[True][1] > 0
+    if pool == "ample":                                          # no preemption: every prompt token accounted once
+        assert work[True][2] == work[False][2] == 0
+        assert work[True][0] + work[True][1] == work[False][0] == sum(map(len, prompts))
+    else:
+        assert work[False][2] > 0 and work[True][2] > 0
