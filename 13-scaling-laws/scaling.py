@@ -186,3 +186,72 @@ def bits_per_char_to_nats_per_token(bpc: float, n_tokens: int, n_chars: int) -> 
     _positive_int("n_tokens", n_tokens)
     _positive_int("n_chars", n_chars)
     return bpc * n_chars * math.log(2) / n_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where the loss above the floor sits: per-story scoring with the full story as context
+def _token_indices(tokenizer, text: str, spans: list[tuple[int, int]]) -> list[int]:
+    """Indices of the tokens of `tokenizer(text)` that overlap any character span [lo, hi)."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [i for i, (s, e) in enumerate(offsets) if any(s < hi and e > lo for lo, hi in spans)]
+
+
+def recall_positions(tokenizer, text: str, colour: str, obj: str) -> list[int]:
+    """Token indices (in `tokenizer(text)`) of the recalled "<colour> <object>" in a story's last sentence.
+
+    Those tokens are fully determined by the story so far (the generator gives them probability 1), so every bit
+    a model spends on them is excess over the entropy floor: the cost of not recalling the planted object.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    start = text.rfind(f" the {colour} {obj}.")
+    if start < 0:
+        raise ValueError(f"no recall ' the {colour} {obj}.' in the story")
+    a = start + len(" the ")
+    return _token_indices(tokenizer, text, [(a, a + len(colour)), (a + len(colour) + 1, a + len(colour) + 1 + len(obj))])
+
+
+def name_repeat_positions(tokenizer, text: str, name: str) -> list[int]:
+    """Token indices of the protagonist's name after its first occurrence (the generator writes it as a literal).
+
+    Approximate in one case: a filler's second character ("In the park, Mia met Tom the fox") is drawn at random
+    and can, rarely (1 in 24), be the protagonist's own name; that occurrence is counted here too.
+    """
+    if not isinstance(text, str) or not isinstance(name, str) or not name:
+        raise TypeError("text and name must be non-empty str")
+    starts, k = [], text.find(name)
+    while k >= 0:
+        if (k == 0 or not text[k - 1].isalpha()) and not text[k + len(name):k + len(name) + 1].isalpha():
+            starts.append(k)
+        k = text.find(name, k + 1)
+    if not starts:
+        raise ValueError(f"name {name!r} not in the story")
+    return _token_indices(tokenizer, text, [(k, k + len(name)) for k in starts[1:]])
+
+
+@torch.no_grad()
+def story_token_losses(model, tokenizer, texts: list[str], batch_size: int = 50) -> list[torch.Tensor]:
+    """Each story scored as its own sequence after an end-of-text token: a list of (len(ids),) losses in nats.
+
+    Unlike windows cut from a stream, every token sees the whole story before it, as the entropy floor assumes.
+    """
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be a list of str")
+    eos = tokenizer.eos_token_id
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i:i + batch_size]
+        T = max(len(c) for c in chunk)
+        x = torch.full((len(chunk), T), eos, dtype=torch.long)          # (B, T): eos, story[:-1], padding
+        y = torch.full((len(chunk), T), -100, dtype=torch.long)         # (B, T): story, ignored padding
+        for j, c in enumerate(chunk):
+            x[j, 1:len(c)] = torch.tensor(c[:-1])
+            y[j, :len(c)] = torch.tensor(c)
+        logits, _ = model(x)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="none")
+        out.extend(nll[j, :len(c)] for j, c in enumerate(chunk))
+    model.train(was_training)
+    return out

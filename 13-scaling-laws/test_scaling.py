@@ -130,3 +130,40 @@ def test_count_step_flops_shape_mismatch():
     model = GPT(scaling.config(8, 1, 1, 10, 8))
     with pytest.raises(ValueError, match="one shape"):
         scaling.count_step_flops(model, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 7, dtype=torch.long))
+
+
+def test_recall_and_name_positions_on_a_story():
+    from shared import data
+    from shared.tokenizer import train_tokenizer
+    stories = data.StoryGenerator(seed=0).samples(200)
+    tok = train_tokenizer([s.text for s in stories], 1024)
+    s = stories[0]
+    ids = tok(s.text, add_special_tokens=False)["input_ids"]
+    rec = scaling.recall_positions(tok, s.text, s.colour, s.object)
+    assert tok.decode([ids[i] for i in rec]).strip() == f"{s.colour} {s.object}"
+    assert rec[-1] > len(ids) // 2                                   # the recall is in the last sentence
+    names = scaling.name_repeat_positions(tok, s.text, s.name)
+    assert len(names) == s.text.count(s.name) - 1 and all(tok.decode([ids[i]]).strip() == s.name for i in names)
+    with pytest.raises(ValueError, match="no recall"):
+        scaling.recall_positions(tok, s.text, "plaid", s.object)
+    with pytest.raises(TypeError):
+        scaling.recall_positions(tok, None, s.colour, s.object)
+
+
+def test_story_token_losses_match_the_model_loss():
+    from shared import data
+    from shared.tokenizer import train_tokenizer
+    stories = [s.text for s in data.StoryGenerator(seed=1).samples(50)]
+    tok = train_tokenizer(stories, 1024)
+    torch.manual_seed(0)
+    model = GPT(scaling.config(16, 1, 1, len(tok), 64)).eval()
+    losses = scaling.story_token_losses(model, tok, stories[:3], batch_size=2)     # padded batches
+    for text, l in zip(stories[:3], losses):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        x = torch.tensor([[tok.eos_token_id] + ids[:-1]])
+        with torch.no_grad():
+            ref = model(x, torch.tensor([ids]))[1]
+        assert l.shape == (len(ids),)
+        torch.testing.assert_close(l.mean(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError):
+        scaling.story_token_losses(model, tok, "one story")
