@@ -1,0 +1,315 @@
+"""Fine-tuning on tasks whose answers are known exactly: story-fact questions, a chat template with role tokens,
+completion-only SFT, a minimal LoRA linear, exact-match grading, and the preference losses (Bradley-Terry, DPO).
+
+Every story of `shared.data.stories` carries its facts (name, animal, colour, object), so a question about a story
+has one right answer and a model's reply can be graded by string equality. The fact sentence
+"Tom the bear had a green map." holds all four facts; four question types ask for one each, so a model must read
+the instruction to know which word to give back.
+
+Shapes: B batch, T tokens, V vocabulary, C = d_in, O = d_out, r = LoRA rank.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["TASKS", "ROLE_TOKENS", "CHAT_TEMPLATE", "fact_sentence", "qa_examples", "add_chat_tokens", "collate",
+           "completion_loss", "finetune", "generate_answers", "grade", "exact_match", "category_prior_answers", "prior_answer_loss",
+           "LoRALinear", "trainable_parameters", "adamw_state_bytes", "wilson", "sequence_logprobs",
+           "bradley_terry_loss", "dpo_loss", "true_preference"]
+
+# task -> (question template, answer field). Templates use the row's fields.
+TASKS: dict[str, tuple[str, str]] = {
+    "colour": ("What colour was the {object}?", "colour"),
+    "object": ("What did {name} have?", "object"),
+    "animal": ("What animal was {name}?", "animal"),
+    "name": ("Who had the {object}?", "name"),
+}
+ROLE_TOKENS = ("<|user|>", "<|assistant|>")
+# A chat template (Jinja, as transformers renders it): user turns in <|user|>, replies in <|assistant|> ... eos.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|> {{ m['content'] }}<|endoftext|>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+FORMATS = ("chat", "plain")
+
+
+def _check_examples(examples) -> None:
+    if not isinstance(examples, (list, tuple)):
+        raise TypeError(f"examples must be a list of dicts, got {type(examples).__name__}")
+    if len(examples) == 0:
+        raise ValueError("examples is empty")
+    for key in ("prompt", "completion"):
+        if key not in examples[0]:
+            raise ValueError(f"each example needs the keys 'prompt' and 'completion', got {sorted(examples[0])}")
+
+
+def fact_sentence(row: dict) -> str:
+    """'Tom the bear had a green map.': the four facts of a story row in one sentence of story words."""
+    return f"{row['name']} the {row['animal']} had a {row['colour']} {row['object']}."
+
+
+def qa_examples(rows, tasks=None, fmt: str = "chat", eos: str = "<|endoftext|>") -> list[dict]:
+    """One example per (row, task): dict(prompt, completion, answer, task).
+
+    fmt="chat":  prompt "<|user|>{fact}\\n{question}<|assistant|>", completion " {answer}<|endoftext|>"
+    (the same string `CHAT_TEMPLATE` renders); fmt="plain": prompt "{fact}\\nquestion: {question}\\nanswer:".
+    """
+    tasks = list(TASKS) if tasks is None else list(tasks)
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"tasks must be a non-empty subset of {list(TASKS)}, got {tasks}")
+    out = []
+    for row in rows:
+        fact = fact_sentence(row)
+        for task in tasks:
+            template, field = TASKS[task]
+            question, answer = template.format(**row), row[field]
+            if fmt == "chat":
+                prompt = f"{ROLE_TOKENS[0]}{fact}\n{question}{ROLE_TOKENS[1]}"
+            else:
+                prompt = f"{fact}\nquestion: {question}\nanswer:"
+            out.append({"prompt": prompt, "completion": f" {answer}{eos}", "answer": answer, "task": task})
+    return out
+
+
+def add_chat_tokens(tokenizer) -> int:
+    """Add the role tokens as special tokens and set `CHAT_TEMPLATE`; returns how many tokens were new.
+    The model's embedding must then grow to `len(tokenizer)` (`resize_token_embeddings`)."""
+    added = tokenizer.add_special_tokens({"additional_special_tokens": list(ROLE_TOKENS)})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return added
+
+
+def collate(tokenizer, examples, loss_on: str = "completion") -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask (B, T) and labels (B, T), -100 where no loss is taken.
+
+    loss_on="completion" keeps the loss on the answer tokens only; "all" on every real token (prompt too).
+    """
+    _check_examples(examples)
+    if loss_on not in ("completion", "all"):
+        raise ValueError(f"loss_on must be 'completion' or 'all', got {loss_on!r}")
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+    prompts, completions = [enc(e["prompt"]) for e in examples], [enc(e["completion"]) for e in examples]
+    T = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    B = len(examples)
+    ids = torch.full((B, T), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        seq = torch.tensor(p + c, dtype=torch.long)
+        ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
+        start = 0 if loss_on == "all" else len(p)
+        labels[i, start:len(seq)] = seq[start:]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions: logits (B, T, V) predict labels shifted by one.
+
+    Position t's logits score token t+1; positions whose label is -100 (prompt, padding) carry no loss."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"need logits (B, T, V) and labels (B, T), got {tuple(logits.shape)}, {tuple(labels.shape)}")
+    pred, target = logits[:, :-1].float(), labels[:, 1:]
+    keep = target != -100
+    if not keep.any():
+        raise ValueError("no labelled token in the batch")
+    return F.cross_entropy(pred[keep], target[keep])
+
+
+def finetune(model, tokenizer, examples, *, steps: int, batch_size: int = 16, lr: float = 1e-3,
+             warmup: int = 10, seed: int = 0, loss_on: str = "completion", callback=None,
+             callback_every: int = 0) -> tuple[list[float], torch.optim.Optimizer]:
+    """AdamW (no weight decay) on the model's trainable parameters, batches drawn with a seeded generator,
+    linear warm-up then cosine decay to 10 %. Returns (training loss per step, the optimiser, whose state is what
+    fine-tuning holds in memory besides the model). Leaves the model in eval mode.
+    `callback(step)` runs every `callback_every` steps (model in eval mode during the call)."""
+    _check_examples(examples)
+    if steps < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"steps and batch_size must be >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameter")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = lambda s: min(1.0, (s + 1) / max(1, warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
+        batch = collate(tokenizer, [examples[i] for i in idx], loss_on)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = completion_loss(logits, batch["labels"])
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if callback is not None and callback_every and len(losses) % callback_every == 0:
+            model.eval()
+            callback(len(losses))
+            model.train()
+    model.eval()
+    return losses, opt
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts, max_new_tokens: int = 4, batch_size: int = 256) -> list[str]:
+    """Greedy replies (decoded, special tokens kept) to a list of prompt strings; left padding for the batch."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def _reply(text: str, eos: str) -> tuple[str, bool]:
+    """(the reply up to the end-of-text token, whether that token came)."""
+    ended = eos in text
+    return text.split(eos)[0].replace("<|pad|>", "").strip(), ended
+
+
+def grade(model, tokenizer, examples, max_new_tokens: int = 4) -> dict[str, list]:
+    """Greedy replies graded two ways, per example:
+    exact: the reply is exactly the answer, then end-of-text (the model read the story's fact);
+    type:  the reply is one word of the asked field's category, then end-of-text (it read the instruction:
+           any colour for a colour question, right or wrong)."""
+    from shared.data import CATEGORIES
+
+    _check_examples(examples)
+    texts = generate_answers(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens)
+    replies = [_reply(t, tokenizer.eos_token) for t in texts]
+    return {"replies": [r for r, _ in replies],
+            "exact": [r == e["answer"] and ended for (r, ended), e in zip(replies, examples)],
+            "type": [r in CATEGORIES[TASKS[e["task"]][1]] and ended for (r, ended), e in zip(replies, examples)]}
+
+
+def exact_match(model, tokenizer, examples, max_new_tokens: int = 4) -> list[bool]:
+    """True where the greedy reply is exactly the answer followed by end-of-text (nothing more, nothing less)."""
+    return grade(model, tokenizer, examples, max_new_tokens)["exact"]
+
+
+def category_prior_answers(train_rows, examples) -> list[bool]:
+    """The control that reads no story: always answer the asked field's most frequent training value.
+    Returns exact-match per example; what a model scores by learning the format and the priors only."""
+    from collections import Counter
+
+    best = {task: Counter(r[field] for r in train_rows).most_common(1)[0][0] for task, (_, field) in TASKS.items()}
+    return [best[e["task"]] == e["answer"] for e in examples]
+
+
+def prior_answer_loss(train_rows, examples) -> float:
+    """The loss (nats per completion token) of a model that knows the format and each field's training
+    frequencies but reads no story: -log q(answer) on the answer token, 0 on end-of-text, averaged over both."""
+    from collections import Counter
+
+    freq = {task: Counter(r[field] for r in train_rows) for task, (_, field) in TASKS.items()}
+    nll = [-math.log(freq[e["task"]][e["answer"]] / sum(freq[e["task"]].values())) for e in examples]
+    return sum(nll) / len(nll) / 2
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + (alpha / r) * (x A^T) B^T with W (O, C) frozen, A (r, C), B (O, r) trained; B starts at zero.
+
+    The update B A has rank <= r and r (C + O) parameters instead of C O. `merged_weight()` = W + (alpha/r) B A
+    gives the same outputs with no extra matmul at inference."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if base.bias is not None:
+            raise ValueError("base must have no bias (the shared GPT's linears have none)")
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        self.r, self.scale = r, alpha / r
+        self.A = nn.Parameter(torch.randn(r, base.in_features) / math.sqrt(base.in_features))  # (r, C)
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))                                 # (O, r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # x (..., C) -> (..., O)
+        return self.base(x) + self.scale * (x @ self.A.T) @ self.B.T
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight + self.scale * self.B @ self.A   # (O, C)
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adamw_state_bytes(optimizer) -> int:
+    """Bytes held in the optimiser's state tensors (AdamW: exp_avg and exp_avg_sq per trained parameter, and a
+    scalar step), read from `optimizer.state` after at least one step."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if torch.is_tensor(v))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n."""
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """Sum of log p(token) over each sequence's labelled tokens: (B,). The quantity DPO's ratios are built of."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)          # (B, T-1, V)
+    target = batch["labels"][:, 1:]
+    keep = target != -100
+    token_logp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)   # (B, T-1)
+    return (token_logp * keep).sum(-1)
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected), averaged: the reward model's loss under the Bradley-Terry model
+    P(chosen beats rejected) = sigmoid(r_chosen - r_rejected)."""
+    if r_chosen.shape != r_rejected.shape:
+        raise ValueError(f"shapes differ: {tuple(r_chosen.shape)} vs {tuple(r_rejected.shape)}")
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """-log sigmoid(beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]), averaged over the batch.
+    Inputs are sequence log-probabilities (B,); beta * log(pi / ref) is DPO's implicit reward."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def true_preference(reply: str, answer: str) -> float:
+    """The known preference function: 1 for exactly the answer, 0.5 for the answer followed by more words
+    (correct but rambling), 0 otherwise (wrong)."""
+    if not isinstance(reply, str) or not isinstance(answer, str):
+        raise TypeError("reply and answer must be strings")
+    words = reply.split()
+    if words == [answer]:
+        return 1.0
+    if words[:1] == [answer]:
+        return 0.5
+    return 0.0
