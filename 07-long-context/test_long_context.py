@@ -192,3 +192,48 @@ def test_tiled_attention_bad_arguments():
         lc.tiled_attention(q, q, q, block_q=0)
     with pytest.raises(ValueError, match="need q"):
         lc.tiled_attention(q, torch.randn(1, 1, 4, 6), torch.randn(1, 1, 4, 6))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole-model references: transformers' Mistral (sliding window) and Llama (rope_parameters)
+def _hf_weights(cfg):
+    from shared import hf as shf
+    torch.manual_seed(0)
+    base = GPT(cfg).eval()
+    return base, shf.to_hf(base).state_dict()
+
+
+@pytest.mark.parametrize("window", [4, 16])
+def test_sliding_model_matches_mistral(window):
+    from transformers import MistralConfig, MistralForCausalLM
+    from shared import hf as shf
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2, d_model=32)
+    base, sd = _hf_weights(cfg)
+    mistral = MistralForCausalLM(MistralConfig(**shf.llama_config_kwargs(cfg), sliding_window=window)).eval()
+    mistral.load_state_dict(sd)
+    ours = GPT(cfg, attn_factory=lc.sliding_factory(window=window)).eval()
+    ours.load_state_dict(base.state_dict())
+    x = torch.randint(0, 50, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], mistral(x).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn"])
+def test_scaled_rope_model_matches_llama(rope_type):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from shared import hf as shf
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2, d_model=32)
+    base, sd = _hf_weights(cfg)
+    L = 64
+    params = {"rope_type": rope_type, "rope_theta": cfg.rope_theta, "factor": 1.0 if rope_type == "dynamic" else L / 16}
+    if rope_type == "yarn":
+        params["original_max_position_embeddings"] = 16
+    llama = LlamaForCausalLM(LlamaConfig(**dict(shf.llama_config_kwargs(cfg), rope_parameters=params),
+                                         attention_bias=False, mlp_bias=False)).eval()
+    llama.load_state_dict(sd)
+    ours = GPT(cfg, attn_factory=lc.ScaledRopeAttention).eval()
+    ours.load_state_dict(base.state_dict())
+    lc.set_rope_scaling(ours, rope_type, 16, L)
+    x = torch.randint(0, 50, (2, L))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], llama(x).logits, atol=1e-5, rtol=0)
