@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -436,3 +437,58 @@ def token_nlls(model: nn.Module, tokens: torch.Tensor, seq_len: int, batch_size:
         out.append(F.cross_entropy(logits.flatten(0, 1).float(), y_all[i:i + batch_size].flatten(),
                                    reduction="none").view(-1, seq_len))
     return torch.cat(out)
+
+
+class LogitsModule(nn.Module):
+    """Wrap a callable `ids (B, T) int64 -> logits (B, T, V)` (an ONNX Runtime session, a 🤗 model) so that
+    `token_nlls` scores it like a shared GPT: `forward` returns a 1-tuple `(logits,)` as float32 torch tensor."""
+
+    def __init__(self, fn):
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    @torch.no_grad()
+    def forward(self, idx: torch.Tensor):
+        out = self.fn(idx)
+        out = getattr(out, "logits", out)
+        return (torch.as_tensor(out).float(),)
+
+
+def ort_logits(session, input_name: str = "input_ids"):
+    """ids (B, T) -> logits of an onnxruntime InferenceSession whose first output is the logits."""
+    return lambda idx: torch.from_numpy(session.run(None, {input_name: idx.numpy().astype(np.int64)})[0])
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes of a module's state_dict (parameters, buffers and any quantisation state saved with it), every
+    storage counted once (tied weights are not double-counted)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    seen, total = set(), 0
+    for t in module.state_dict().values():
+        if not torch.is_tensor(t):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def codebook_quantize(w: torch.Tensor, code: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """Blockwise codebook quantisation as bitsandbytes defines NF4/FP4, dequantised: the weight is flattened
+    (row-major), cut into blocks of `blocksize`, each block divided by its absmax, each value replaced by the
+    nearest level of `code` (16 levels in [-1, 1]) and multiplied back. Returns a float32 tensor of w's shape."""
+    if not torch.is_tensor(w) or not w.is_floating_point():
+        raise TypeError("w must be a floating-point tensor")
+    if not torch.is_tensor(code) or code.dim() != 1 or code.numel() < 2:
+        raise ValueError("code must be a 1-D tensor of at least 2 levels")
+    if not isinstance(blocksize, int) or blocksize < 1 or w.numel() % blocksize:
+        raise ValueError(f"blocksize must be a positive int dividing w.numel()={w.numel()}, got {blocksize}")
+    b = w.detach().float().flatten().view(-1, blocksize)
+    absmax = b.abs().amax(dim=1, keepdim=True)
+    scaled = b / absmax.clamp_min(torch.finfo(torch.float32).tiny)
+    idx = (scaled[..., None] - code.float()).abs().argmin(dim=-1)
+    return (code.float()[idx] * absmax).view(w.shape)

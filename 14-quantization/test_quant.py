@@ -214,3 +214,65 @@ def test_write_gguf_bad_arguments(tmp_path):
     cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_kv_head=1, d_model=32)
     with pytest.raises(ValueError, match="qtype"):
         quant.write_gguf(GPT(cfg), tmp_path / "x.gguf", "F16")
+
+
+# ---- codebook (NF4 / FP4) reference, runtime adapters ----
+
+@pytest.mark.parametrize("qtype", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(64, 64), (128, 64), (160, 448)])
+def test_codebook_matches_bitsandbytes_where_rows_are_whole_blocks(qtype, shape):
+    """Our definition equals bitsandbytes's CPU quantiser exactly (atol 1e-6) when the row length is a multiple of
+    the block size (64); the notebook shows it does not for rows of 160 (bitsandbytes 0.50.2)."""
+    bF = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    q, state = bF.quantize_4bit(w, blocksize=64, quant_type=qtype)
+    ours = quant.codebook_quantize(w, bF.get_4bit_type(qtype, device="cpu"))
+    torch.testing.assert_close(bF.dequantize_4bit(q, state).float(), ours, atol=1e-6, rtol=0)
+
+
+def test_codebook_hand_example_and_zero_block():
+    code = torch.tensor([-1.0, 0.0, 0.5, 1.0])
+    w = torch.tensor([[2.0, 0.9, -2.0, 0.2], [0.0, 0.0, 0.0, 0.0]])
+    # block 0: absmax 2 -> scaled (1, .45, -1, .1) -> levels (1, .5, -1, 0) -> (2, 1, -2, 0); block 1 stays 0
+    out = quant.codebook_quantize(w, code, blocksize=4)
+    torch.testing.assert_close(out, torch.tensor([[2.0, 1.0, -2.0, 0.0], [0.0, 0.0, 0.0, 0.0]]), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs, err", [(dict(blocksize=3), ValueError), (dict(blocksize=0), ValueError),
+                                          (dict(code=torch.tensor([1.0])), ValueError)])
+def test_codebook_bad_arguments(kwargs, err):
+    args = dict(w=torch.randn(4, 8), code=torch.tensor([-1.0, 0.0, 1.0]), blocksize=4) | kwargs
+    with pytest.raises(err):
+        quant.codebook_quantize(**args)
+    with pytest.raises(TypeError):
+        quant.codebook_quantize(torch.ones(4, 8, dtype=torch.long), torch.tensor([-1.0, 1.0]), 4)
+
+
+def test_logits_module_and_stored_bytes():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_kv_head=1, d_model=16))
+    wrapped = quant.LogitsModule(lambda idx: model(idx)[0].detach().numpy())     # numpy out, like ONNX Runtime
+    tokens = torch.randint(0, 32, (40,))
+    torch.testing.assert_close(quant.token_nlls(wrapped, tokens, 8), quant.token_nlls(model, tokens, 8))
+    sd = model.state_dict()
+    all_bytes = sum(t.numel() * t.element_size() for t in sd.values())
+    tied = [k for k, t in sd.items() if t.data_ptr() == model.tok_emb.weight.data_ptr()]
+    assert len(tied) == 2                                                         # embedding and output head share
+    assert quant.stored_bytes(model) == all_bytes - model.tok_emb.weight.numel() * 4
+    with pytest.raises(TypeError):
+        quant.LogitsModule(3)
+    with pytest.raises(TypeError):
+        quant.stored_bytes(torch.ones(3))
+
+
+def test_ort_logits_on_a_tiny_onnx_graph(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4).eval()
+    path = str(tmp_path / "emb.onnx")
+    torch.onnx.export(emb, (torch.zeros(1, 3, dtype=torch.long),), path, dynamo=True, input_names=["input_ids"],
+                      dynamic_shapes={"input": {0: torch.export.Dim("b"), 1: torch.export.Dim("t")}}, verbose=False)
+    fn = quant.ort_logits(ort.InferenceSession(path, providers=["CPUExecutionProvider"]))
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    torch.testing.assert_close(fn(idx), emb(idx).detach(), atol=1e-6, rtol=0)
