@@ -313,3 +313,48 @@ def true_preference(reply: str, answer: str) -> float:
     if words[:1] == [answer]:
         return 0.5
     return 0.0
+
+
+PAIR_KINDS = ("rambling", "wrong type", "wrong value")
+
+
+def preference_pairs(examples, categories: dict, seed: int = 0, kinds=PAIR_KINDS,
+                     eos: str = "<|endoftext|>") -> list[dict]:
+    """One preference pair per example, labelled by `true_preference`: chosen = the concise right answer
+    (preference 1); rejected, of a seeded random kind among `kinds`:
+      "rambling":    the right answer repeated three times (preference 0.5: right but wordy),
+      "wrong type":  a word of another field's category (0: did not read the instruction),
+      "wrong value": another word of the asked category (0: read the instruction, not the fact).
+    Returns dicts prompt, chosen, rejected (completion strings ending in `eos`), kind, answer."""
+    import random
+
+    _check_examples(examples)
+    kinds = tuple(kinds)
+    if not kinds or any(k not in PAIR_KINDS for k in kinds):
+        raise ValueError(f"kinds must be a non-empty subset of {PAIR_KINDS}, got {kinds}")
+    fields = [field for _, field in TASKS.values()]
+    missing = [f for f in fields if f not in categories]
+    if missing:
+        raise ValueError(f"categories lacks the fields {missing}")
+    rng = random.Random(seed)
+    out = []
+    for e in examples:
+        field = TASKS[e["task"]][1]
+        kind = rng.choice(kinds)
+        if kind == "rambling":
+            bad = " ".join([e["answer"]] * 3)
+        elif kind == "wrong type":
+            bad = rng.choice(categories[rng.choice([f for f in fields if f != field])])
+        else:
+            bad = rng.choice([w for w in categories[field] if w != e["answer"]])
+        out.append({"prompt": e["prompt"], "chosen": f" {e['answer']}{eos}", "rejected": f" {bad}{eos}",
+                    "kind": kind, "answer": e["answer"]})
+    return out
+
+
+def pair_batches(tokenizer, pairs) -> tuple[dict, dict]:
+    """(chosen batch, rejected batch) from `collate`: labels on the completion tokens only."""
+    if not isinstance(pairs, (list, tuple)) or not pairs:
+        raise ValueError("pairs must be a non-empty list of dicts with prompt, chosen, rejected")
+    return tuple(collate(tokenizer, [{"prompt": p["prompt"], "completion": p[key]} for p in pairs])
+                 for key in ("chosen", "rejected"))

@@ -181,3 +181,31 @@ def test_finetune_runs_and_exact_match_grades(rows, tok):
     g = ft.grade(m, tok, ex[:4])
     assert g["exact"] == hits and len(g["type"]) == len(g["replies"]) == 4
     assert all(t or not e for t, e in zip(g["type"], g["exact"]))   # an exact answer is of the right type
+
+
+def test_preference_pairs_are_labelled_by_the_true_function():
+    cats = {"colour": ["red", "blue", "green"], "object": ["map", "hat"], "animal": ["cat", "dog"],
+            "name": ["Tom", "Mia"]}
+    rows = [{"name": "Tom", "animal": "cat", "colour": "red", "object": "map"},
+            {"name": "Mia", "animal": "dog", "colour": "blue", "object": "hat"}] * 10
+    ex = ft.qa_examples(rows)
+    pairs = ft.preference_pairs(ex, cats, seed=3)
+    assert len(pairs) == len(ex) and {p["kind"] for p in pairs} == set(ft.PAIR_KINDS)
+    want = {"rambling": 0.5, "wrong type": 0.0, "wrong value": 0.0}
+    for p, e in zip(pairs, ex):
+        strip = lambda s: s.replace("<|endoftext|>", "")
+        assert ft.true_preference(strip(p["chosen"]), e["answer"]) == 1.0
+        assert ft.true_preference(strip(p["rejected"]), e["answer"]) == want[p["kind"]]
+        field = ft.TASKS[e["task"]][1]
+        if p["kind"] == "wrong value":
+            assert strip(p["rejected"]).strip() in cats[field]
+        if p["kind"] == "wrong type":
+            assert strip(p["rejected"]).strip() not in cats[field]
+    assert ft.preference_pairs(ex, cats, seed=3) == pairs                       # seeded
+    assert {p["kind"] for p in ft.preference_pairs(ex, cats, kinds=["rambling"])} == {"rambling"}
+    with pytest.raises(ValueError, match="kinds"):
+        ft.preference_pairs(ex, cats, kinds=["bogus"])
+    with pytest.raises(ValueError, match="categories"):
+        ft.preference_pairs(ex, {"colour": ["red"]})
+    with pytest.raises(ValueError, match="non-empty"):
+        ft.pair_batches(None, [])
