@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.train import train
+from shared.validate import check_int
 
 NORMS = ("layer", "rms", "none")
 PLACEMENTS = ("pre", "post")
@@ -41,13 +42,6 @@ QKV_VARIANTS = ("full", "tied_qk", "identity_v", "frozen_qk", "no_o")
 # ----------------------------------------------------------------------------------------------------------
 # argument checks, gathered here so that the classes below read as the math (TypeError: wrong type,
 # ValueError: wrong value; every message names the argument, what was given and what is allowed)
-
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
 
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -61,7 +55,7 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
 
 def _check_config(cfg: "MiniConfig") -> None:
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff"):
-        _check_int(name, getattr(cfg, name))
+        check_int(name, getattr(cfg, name), 1)
     if cfg.d_model % cfg.n_head:
         raise ValueError(f"d_model must be divisible by n_head, got d_model={cfg.d_model}, n_head={cfg.n_head}")
     _check_choice("norm", cfg.norm, NORMS)
@@ -323,7 +317,7 @@ def overfit_one_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
     An end-to-end sanity check: a working model memorises one batch, so the loss must go to ~0. Plain Adam
     (constant lr, no warm-up, no weight decay, no clipping) through the repo's one training loop.
     """
-    _check_int("steps", steps)
+    check_int("steps", steps, 1)
     _check_positive("lr", lr)
     hist = train(model, lambda g: (x, y), steps=steps, lr=lr, warmup=0, min_lr_ratio=1.0, weight_decay=0.0,
                  grad_clip=None, betas=(0.9, 0.999), batch_size=x.shape[0], seq_len=x.shape[-1], progress=False)
@@ -369,5 +363,5 @@ def causal_mask(T: int, device=None) -> torch.Tensor:
     >>> causal_mask(3).int().tolist()
     [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     """
-    _check_int("T", T)
+    check_int("T", T, 1)
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()

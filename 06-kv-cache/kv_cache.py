@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.model import GPT, Attention
+from shared.validate import check_ints
 
 __all__ = ["CacheOverflowError", "KVCache", "kv_cache_bytes", "attend", "forward_cached", "generate_cached",
            "generate_naive", "step_flops", "measure_cache_rss"]
@@ -34,15 +35,6 @@ class CacheOverflowError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- validators
-def _check_ints(minimum: int, **values) -> None:
-    """Each value must be an int (not a bool) >= minimum."""
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def _check_dtype(dtype) -> None:
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
@@ -72,15 +64,15 @@ def _check_ids(name: str, ids) -> None:
 def _check_loop(model, prompt, max_new_tokens) -> None:
     _check_model(model)
     _check_ids("prompt", prompt)
-    _check_ints(1, max_new_tokens=max_new_tokens)
+    check_ints(1, max_new_tokens=max_new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- the cache
 def kv_cache_bytes(n_layer: int, n_kv_head: int, head_dim: int, length: int, dtype: torch.dtype = torch.float32,
                    batch_size: int = 1) -> int:
     """Bytes of a key/value cache: 2 (k and v) x N x B x K x D x length x bytes-per-element."""
-    _check_ints(1, n_layer=n_layer, n_kv_head=n_kv_head, head_dim=head_dim, batch_size=batch_size)
-    _check_ints(0, length=length)
+    check_ints(1, n_layer=n_layer, n_kv_head=n_kv_head, head_dim=head_dim, batch_size=batch_size)
+    check_ints(0, length=length)
     _check_dtype(dtype)
     return 2 * n_layer * batch_size * n_kv_head * head_dim * length * dtype.itemsize
 
@@ -95,7 +87,7 @@ class KVCache:
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, head_dim: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        _check_ints(1, n_layer=n_layer, batch_size=batch_size, n_kv_head=n_kv_head, head_dim=head_dim,
+        check_ints(1, n_layer=n_layer, batch_size=batch_size, n_kv_head=n_kv_head, head_dim=head_dim,
                     capacity=capacity)
         _check_dtype(dtype)
         shape = (n_layer, batch_size, n_kv_head, capacity, head_dim)
@@ -135,7 +127,7 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         """Keep only the first `length` tokens of every layer (e.g. to re-time one step, or drop rejected drafts)."""
-        _check_ints(0, length=length)
+        check_ints(0, length=length)
         if length > min(self._filled):
             raise ValueError(f"length must be <= the tokens stored ({min(self._filled)}), got {length}")
         self._filled = [length] * len(self._filled)
@@ -155,7 +147,7 @@ class KVCache:
 
     def _check_append(self, layer, k_new, v_new) -> None:
         n_layer, B, K, _, D = self.k.shape
-        _check_ints(0, layer=layer)
+        check_ints(0, layer=layer)
         if layer >= n_layer:
             raise ValueError(f"layer must be < n_layer={n_layer}, got {layer}")
         if not isinstance(k_new, torch.Tensor) or not isinstance(v_new, torch.Tensor):
@@ -195,7 +187,7 @@ def forward_cached(model: GPT, idx: torch.Tensor, cache: KVCache, rope_start: in
     if idx.shape[0] != cache.k.shape[1]:
         raise ValueError(f"idx has batch {idx.shape[0]} but the cache was built for batch {cache.k.shape[1]}")
     start = cache.length if rope_start is None else rope_start
-    _check_ints(0, rope_start=start)
+    check_ints(0, rope_start=start)
     x = model.tok_emb(idx)                                              # (B, T, C)
     for layer, block in enumerate(model.blocks):
         x = x + attend(block.attn, block.norm1(x), cache, layer, start)
@@ -260,7 +252,7 @@ def step_flops(cfg, context: int, cached: bool, batch_size: int = 1) -> int:
     Per layer: projections 2T(C·HD + 2·C·KD + HD·C), MLP 2T·3·C·F (SwiGLU), attention 2·2·T·context·H·D;
     plus the LM head 2T·C·V. Embedding lookups, norms and softmax are not matmuls and are left out.
     """
-    _check_ints(1, context=context, batch_size=batch_size)
+    check_ints(1, context=context, batch_size=batch_size)
     if cfg.act != "swiglu":
         raise ValueError(f"cfg.act must be 'swiglu' (step_flops counts a SwiGLU MLP), got {cfg.act!r}")
     C, H, K, D, F_ = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff
@@ -307,10 +299,10 @@ def measure_cache_rss(n_layer: int, n_kv_head: int, head_dim: int, lengths: list
     freed earlier can be handed out again without showing in the RSS; in a long-lived kernel the allocator
     reuses freed blocks and the growth may read 0. Pages are 4 KiB: a cache of a few KiB reads coarsely.
     """
-    _check_ints(1, n_layer=n_layer, n_kv_head=n_kv_head, head_dim=head_dim, batch_size=batch_size)
+    check_ints(1, n_layer=n_layer, n_kv_head=n_kv_head, head_dim=head_dim, batch_size=batch_size)
     if not isinstance(lengths, (list, tuple)) or not lengths:
         raise TypeError(f"lengths must be a non-empty list of ints, got {lengths!r}")
-    _check_ints(1, **{f"lengths[{i}]": n for i, n in enumerate(lengths)})
+    check_ints(1, **{f"lengths[{i}]": n for i, n in enumerate(lengths)})
     if not isinstance(dtypes, (list, tuple)) or not dtypes:
         raise TypeError(f"dtypes must be a non-empty tuple of torch dtypes, got {dtypes!r}")
     for dtype in dtypes:

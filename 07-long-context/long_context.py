@@ -15,13 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.model import Attention, GPTConfig, apply_rope
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+from shared.validate import check_int
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -32,15 +26,15 @@ def band_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sinks: int 
     A query at p sees a key at j when j <= p (causal) and either p - j < window (the band: the query itself and
     the window - 1 tokens before it) or j < sinks (the first `sinks` tokens of the stream, kept forever).
     """
-    _check_int("window", window, 1)
-    _check_int("sinks", sinks, 0)
+    check_int("window", window, 1)
+    check_int("sinks", sinks, 0)
     p, j = q_pos[:, None], k_pos[None, :]
     return (j <= p) & ((p - j < window) | (j < sinks))
 
 
 def band_mask_loop(T: int, window: int, sinks: int = 0) -> torch.Tensor:
     """The same (T, T) mask written as a double loop over (query, key): the brute-force reference."""
-    _check_int("T", T, 0)
+    check_int("T", T, 0)
     mask = torch.zeros(T, T, dtype=torch.bool)
     for p in range(T):
         for j in range(T):
@@ -65,8 +59,8 @@ class SlidingWindowAttention(Attention):
             raise ValueError(f"SlidingWindowAttention supports pos 'rope' or 'none', got {cfg.pos!r}")
         if not cfg.causal:
             raise ValueError("SlidingWindowAttention is causal: cfg.causal must be True")
-        _check_int("window", window, 1)
-        _check_int("sinks", sinks, 0)
+        check_int("window", window, 1)
+        check_int("sinks", sinks, 0)
         super().__init__(cfg, layer_idx)
         self.window, self.sinks = window, sinks
 
@@ -99,8 +93,8 @@ class SlidingWindowAttention(Attention):
 
 def sliding_factory(window: int, sinks: int = 0):
     """attn_factory for `GPT(cfg, attn_factory=...)`: every layer a SlidingWindowAttention(window, sinks)."""
-    _check_int("window", window, 1)
-    _check_int("sinks", sinks, 0)
+    check_int("window", window, 1)
+    check_int("sinks", sinks, 0)
     return lambda cfg, layer_idx: SlidingWindowAttention(cfg, layer_idx, window=window, sinks=sinks)
 
 
@@ -114,7 +108,7 @@ def kv_cache_bytes_formula(n_layer: int, batch: int, n_kv_head: int, head_dim: i
 # RoPE context extension: inverse-frequency tables (D/2,), the same formulas as transformers' ROPE_INIT_FUNCTIONS
 def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """Plain RoPE: theta^(-2i/D) for i = 0 .. D/2 - 1."""
-    _check_int("head_dim", head_dim, 2)
+    check_int("head_dim", head_dim, 2)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, got {head_dim}")
     if theta <= 0:
@@ -140,8 +134,8 @@ def dynamic_ntk_inv_freq(head_dim: int, theta: float, factor: float, seq_len: in
     with L = max(seq_len, trained_len). Up to the trained length nothing changes; beyond it the low frequencies
     are stretched most, the highest barely at all."""
     _check_factor(factor)
-    _check_int("seq_len", seq_len, 1)
-    _check_int("trained_len", trained_len, 1)
+    check_int("seq_len", seq_len, 1)
+    check_int("trained_len", trained_len, 1)
     L = max(seq_len, trained_len)
     base = theta * ((factor * L / trained_len) - (factor - 1)) ** (head_dim / (head_dim - 2))
     return rope_inv_freq(head_dim, base)
@@ -153,7 +147,7 @@ def yarn_inv_freq(head_dim: int, theta: float, factor: float, trained_len: int, 
     length: keep them) and interpolation (slow dims, < beta_slow turns: divide by factor), a linear ramp between;
     plus the attention temperature 0.1 ln(factor) + 1 that multiplies cos and sin. Returns (inv_freq, scale)."""
     _check_factor(factor)
-    _check_int("trained_len", trained_len, 1)
+    check_int("trained_len", trained_len, 1)
     D = head_dim
     extrapolation = rope_inv_freq(D, theta)
     interpolation = extrapolation / factor
@@ -261,10 +255,10 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: 
     `window` (causal only): the band of `band_mask` without sinks; key blocks wholly older than the band are
     skipped, not masked, so time grows as T * window instead of T * T_k.
     """
-    _check_int("block_q", block_q, 1)
-    _check_int("block_k", block_k, 1)
+    check_int("block_q", block_q, 1)
+    check_int("block_k", block_k, 1)
     if window is not None:
-        _check_int("window", window, 1)
+        check_int("window", window, 1)
         if not causal:
             raise ValueError("window needs causal=True (a band looks back from each query)")
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:

@@ -28,20 +28,14 @@ import torch.nn.functional as F
 
 from shared.model import GPT, GPTConfig, MLP
 from shared.hf import llama_config_kwargs
+from shared.validate import check_int
 
 DISPATCHES = ("sparse", "dense", "loop")
 
 
-def _check_int(name: str, value, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
 def _check_moe_args(d_model, d_ff, n_experts, top_k, capacity_factor, dispatch) -> None:
     for name, value in (("d_model", d_model), ("d_ff", d_ff), ("n_experts", n_experts), ("top_k", top_k)):
-        _check_int(name, value)
+        check_int(name, value, 1)
     if top_k > n_experts:
         raise ValueError(f"top_k must be <= n_experts ({n_experts}), got {top_k}")
     if capacity_factor is not None and (isinstance(capacity_factor, bool) or
@@ -61,7 +55,7 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool = True):
     1 and the router gets no gradient from the language-model loss)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, E), got shape {tuple(logits.shape)}")
-    _check_int("top_k", top_k)
+    check_int("top_k", top_k, 1)
     if top_k > logits.shape[1]:
         raise ValueError(f"top_k must be <= n_experts ({logits.shape[1]}), got {top_k}")
     probs = logits.float().softmax(dim=-1)                          # (N, E)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.model import GPT, Attention, apply_rope, rope_table
+from shared.validate import check_ints
 
 __all__ = ["OutOfBlocksError", "PagedKVCache", "project_at", "forward_paged", "Request", "StepStats", "Engine", "mixed_workload",
            "reference_outputs"]
@@ -42,15 +43,6 @@ class OutOfBlocksError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- validators
-def _check_ints(minimum: int, **values) -> None:
-    """Each value must be an int (not a bool) >= minimum."""
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def _check_model(model) -> None:
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a shared.model.GPT, got {type(model).__name__}")
@@ -78,7 +70,7 @@ class PagedKVCache:
 
     def __init__(self, n_layer: int, n_kv_head: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", prefix_caching: bool = False):
-        _check_ints(1, n_layer=n_layer, n_kv_head=n_kv_head, head_dim=head_dim, num_blocks=num_blocks,
+        check_ints(1, n_layer=n_layer, n_kv_head=n_kv_head, head_dim=head_dim, num_blocks=num_blocks,
                     block_size=block_size)
         if not isinstance(prefix_caching, bool):
             raise TypeError(f"prefix_caching must be a bool, got {type(prefix_caching).__name__}")
@@ -116,7 +108,7 @@ class PagedKVCache:
 
     def reserve(self, seq: int, n_new: int) -> None:
         """Make room for n_new more tokens of `seq` (a new sequence gets an empty table first)."""
-        _check_ints(0, seq=seq, n_new=n_new)
+        check_ints(0, seq=seq, n_new=n_new)
         need = self.blocks_needed(seq, n_new)
         if need > len(self.free):
             raise OutOfBlocksError(f"sequence {seq} needs {need} more blocks, {len(self.free)} are free")
@@ -305,8 +297,8 @@ class Request:
     cached_tokens: int = 0                 # context tokens found in the prefix cache at its (last) admission
 
     def __post_init__(self):
-        _check_ints(0, rid=self.rid, arrival=self.arrival)
-        _check_ints(1, max_new_tokens=self.max_new_tokens)
+        check_ints(0, rid=self.rid, arrival=self.arrival)
+        check_ints(1, max_new_tokens=self.max_new_tokens)
         if not isinstance(self.prompt, list) or not self.prompt or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in self.prompt):
             raise TypeError(f"prompt must be a non-empty list of int token ids, got {self.prompt!r}")
@@ -361,7 +353,7 @@ class Engine:
     def __init__(self, model: GPT, num_blocks: int, block_size: int = 8, max_batch: int = 8,
                  policy: str = "continuous", prefix_caching: bool = False):
         _check_model(model)
-        _check_ints(1, num_blocks=num_blocks, block_size=block_size, max_batch=max_batch)
+        check_ints(1, num_blocks=num_blocks, block_size=block_size, max_batch=max_batch)
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.model, self.policy, self.max_batch = model, policy, max_batch

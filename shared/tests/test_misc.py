@@ -151,3 +151,17 @@ def test_peak_rss_sees_a_short_lived_buffer():
         bench.PeakRSS(interval_s=0)
     with pytest.raises(ValueError):
         bench.large_allocations_from_os(-1)
+
+
+def test_check_int_accepts_ints_and_names_the_argument():
+    from shared.validate import check_int, check_ints
+    assert check_int("n", 3) == 3 and check_int("n", 0, 0) == 0
+    check_ints(1, a=1, b=7)
+    with pytest.raises(TypeError, match=r"n_layer must be an int, got bool True"):
+        check_int("n_layer", True, 1)                  # bool is an int subclass, refused on purpose
+    with pytest.raises(TypeError, match=r"steps must be an int, got float 2.0"):
+        check_int("steps", 2.0)
+    with pytest.raises(ValueError, match=r"head_dim must be >= 2, got 1"):
+        check_int("head_dim", 1, 2)
+    with pytest.raises(ValueError, match=r"b must be >= 1, got 0"):
+        check_ints(1, a=1, b=0)
