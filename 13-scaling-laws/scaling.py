@@ -255,3 +255,200 @@ def story_token_losses(model, tokenizer, texts: list[str], batch_size: int = 50)
         out.extend(nll[j, :len(c)] for j, c in enumerate(chunk))
     model.train(was_training)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss at several token counts from one run: warm-up, stable, decay (WSD) with cooldown branches
+def wsd_lr(step: int, end: int, lr: float, warmup: int, cooldown: float = 0.2) -> float:
+    """Learning rate at `step` (0-based) of a warm-up-stable-decay run of `end` steps.
+
+    Linear warm-up over `warmup` steps, constant `lr`, then the last round(cooldown·end) steps decay linearly
+    (to lr / n_decay at the last step). Unlike a cosine, the rate until the decay does not depend on `end`: a
+    run to D tokens and a longer run share their first end - n_decay steps exactly, so one long run can branch
+    off an honest (fully cooled) run of every shorter length.
+    """
+    n_decay = max(1, round(cooldown * end))
+    start = end - n_decay
+    if not 0 <= step < end:
+        raise ValueError(f"step must be in [0, {end}), got {step}")
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step < start:
+        return lr
+    return lr * (end - step) / n_decay
+
+
+@dataclass
+class WSDRun:
+    """What `train_wsd` measured. cooled[S]: evaluate() after a full WSD run of S steps (a branch, or the main
+    run for the last S); uncooled[S]: evaluate() of the main run at step S, still at constant rate (no decay)."""
+    cooled: dict
+    uncooled: dict
+    train_loss: list
+    seconds: float
+
+
+def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, seq_len: int, lr: float,
+              warmup: int | None = None, cooldown: float = 0.2, weight_decay: float = 0.1,
+              grad_clip: float | None = 1.0, seed: int = 0, betas=(0.9, 0.95)) -> WSDRun:
+    """Train `model` in place for max(ends) steps with a WSD schedule; branch a cooldown for every shorter end.
+
+    Each branch starts from a copy of the model, the AdamW state and the batch generator at step
+    S - round(cooldown·S) and decays to step S: it is, step for step, the run a fresh WSD training of S steps
+    would do (same batches, same rates), at the cost of its decay steps only. `evaluate(model) -> float` is
+    called on every branch's end (cooled) and on the main run as it passes each shorter end (uncooled).
+    Batches: random windows (B, seq_len) of `tokens` from a generator seeded with `seed`, as `shared.train` draws
+    them; AdamW with decay on matrices only (`shared.train.make_optimizer`).
+    """
+    import copy
+    import time
+
+    from shared.data import random_windows
+    from shared.train import make_optimizer
+
+    if not callable(evaluate):
+        raise TypeError(f"evaluate must be a callable model -> float, got {type(evaluate).__name__}")
+    ends = sorted({_positive_int("each of ends", e) for e in ends})
+    if not ends:
+        raise ValueError("ends must hold at least one step count")
+    if not 0 < cooldown < 1:
+        raise ValueError(f"cooldown must be a fraction in (0, 1), got {cooldown}")
+    last = ends[-1]
+    warmup = max(1, last // 20) if warmup is None else warmup
+    forks = {e - max(1, round(cooldown * e)): e for e in ends[:-1]}
+    if min(forks, default=warmup) < warmup:
+        raise ValueError(f"every branch must start after the warm-up ({warmup} steps): shortest end {ends[0]} "
+                         f"with cooldown {cooldown} forks at step {min(forks)}")
+
+    def step_once(m, opt, g, step, end):
+        for group in opt.param_groups:
+            group["lr"] = wsd_lr(step, end, lr, warmup, cooldown)
+        x, y = random_windows(tokens, seq_len, batch_size, g)
+        _, loss = m(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), grad_clip)
+        opt.step()
+        return loss.detach()
+
+    opt = make_optimizer(model, lr, weight_decay, betas)
+    g = torch.Generator().manual_seed(seed)
+    run, losses, seconds = WSDRun({}, {}, [], 0.0), [], 0.0
+    model.train()
+    for step in range(last):
+        if step in forks:                                  # branch: copy model, optimizer state and data stream
+            end = forks[step]
+            m2 = copy.deepcopy(model)
+            opt2 = make_optimizer(m2, lr, weight_decay, betas)
+            opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+            g2 = torch.Generator()
+            g2.set_state(g.get_state())
+            t0 = time.perf_counter()
+            for s in range(step, end):
+                step_once(m2, opt2, g2, s, end)
+            seconds += time.perf_counter() - t0
+            run.cooled[end] = float(evaluate(m2))
+            model.train()
+        if step in ends and step < last - max(1, round(cooldown * last)) + 1:
+            run.uncooled[step] = float(evaluate(model))    # main run at step S, still at the constant rate
+            model.train()
+        t0 = time.perf_counter()
+        losses.append(step_once(model, opt, g, step, last))
+        seconds += time.perf_counter() - t0
+    run.cooled[last] = float(evaluate(model))
+    run.train_loss = torch.stack(losses).tolist()
+    run.seconds = seconds
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory of one training step
+def training_memory(cfg: GPTConfig, batch_size: int) -> dict[str, int]:
+    """Bytes a training step holds at its peak (fp32, AdamW), by formula, for (batch_size, cfg.block_size) windows.
+
+    `params`, `grads` (one per parameter), `adam` (exp_avg and exp_avg_sq: two per parameter) count every
+    parameter (embedding included). `activations` = what autograd saves for the backward pass, per token:
+    L·(10·C + 4·d_ff + H + 2) + 3·C + 1 + V floats (per layer: ten C-wide tensors (the residual stream, the two
+    norm outputs and their 2-D copies for the matmuls, q and k after RoPE, v, the merged heads), four d_ff-wide
+    ones (gate, up, SiLU(gate), their product), the attention log-sum-exp per head and the two norms' 1/rms;
+    after the blocks the final norm's input, output and 2-D copy and its 1/rms, and the V log-probabilities),
+    plus 16 bytes per token of int64 inputs and targets, the cached RoPE cos/sin tables and the loss's scalar
+    weight. `transient`: 3·V floats per token alive at the start of backward, the (B, T, V) logits the caller
+    still holds and the two gradients of that size the loss's backward makes (w.r.t. the log-probabilities
+    and the logits); at this vocabulary and width they are a large share of the peak.
+    """
+    cfg = _check_cfg(cfg)
+    _positive_int("batch_size", batch_size)
+    C, H, L, V, T = cfg.d_model, cfg.n_head, cfg.n_layer, cfg.vocab_size, cfg.block_size
+    if cfg.n_kv_head != cfg.n_head:
+        raise ValueError("the activation count covers plain multi-head attention (n_kv_head == n_head)")
+    n_params = matrix_params(cfg) + (2 * L + 1) * C + V * C
+    tokens = batch_size * T
+    per_token = L * (10 * C + 4 * cfg.d_ff + H + 2) + 3 * C + 1 + V
+    rope_rows = 1 << max(8, (T - 1).bit_length())           # shared.model's cached table (grows by doubling)
+    return {"params": 4 * n_params, "grads": 4 * n_params, "adam": 8 * n_params,
+            "activations": 4 * per_token * tokens + 16 * tokens + 2 * 4 * rope_rows * cfg.head_dim + 4,
+            "transient": 3 * 4 * V * tokens}
+
+
+def saved_tensor_bytes(model, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward in `model(x, y)` (parameters left out).
+
+    The measurement `training_memory`'s activation formula is checked against: counted by a
+    `torch.autograd.graph.saved_tensors_hooks` pack hook, each storage once.
+    """
+    if x.dim() != 2 or x.shape != y.shape:
+        raise ValueError(f"x and y must be (B, T) of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, y)
+    return sum(seen.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# L(D) and IsoFLOP slices
+def loss_at_tokens(d_points, losses, d: float) -> float:
+    """L at d tokens, interpolated linearly in log D between the two measured points around it (no extrapolation).
+
+    d_points: increasing token counts with a measured (honest, fully trained) loss each."""
+    d_points, losses = np.asarray(d_points, dtype=float), np.asarray(losses, dtype=float)
+    if d_points.ndim != 1 or d_points.shape != losses.shape or len(d_points) < 2 or np.any(np.diff(d_points) <= 0):
+        raise ValueError("d_points must be 1-D, increasing, >= 2 points, one loss each")
+    if not d_points[0] <= d <= d_points[-1]:
+        raise ValueError(f"d = {d:g} is outside the measured range [{d_points[0]:g}, {d_points[-1]:g}]")
+    return float(np.interp(np.log(d), np.log(d_points), losses))
+
+
+@dataclass
+class IsoFLOPFit:
+    """A parabola L = a·(log N)^2 + b·log N + c through an IsoFLOP slice; `n_opt` at its minimum."""
+    a: float
+    b: float
+    c: float
+
+    @property
+    def n_opt(self) -> float:
+        return float(np.exp(-self.b / (2 * self.a))) if self.a > 0 else float("nan")
+
+    def predict(self, n) -> np.ndarray:
+        x = np.log(np.asarray(n, dtype=float))
+        return self.a * x ** 2 + self.b * x + self.c
+
+
+def fit_isoflop(n, loss) -> IsoFLOPFit:
+    """Least-squares parabola in log N through the (N, L) points of one compute budget (Chinchilla approach 2).
+    A minimum exists only if the parabola opens upward (a > 0); `n_opt` is NaN otherwise."""
+    n, loss = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
+    if n.ndim != 1 or n.shape != loss.shape or len(np.unique(n)) < 3 or np.any(n <= 0):
+        raise ValueError("need >= 3 distinct sizes N > 0, one loss each")
+    a, b, c = np.polyfit(np.log(n), loss, 2)
+    return IsoFLOPFit(float(a), float(b), float(c))

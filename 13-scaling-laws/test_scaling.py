@@ -167,3 +167,85 @@ def test_story_token_losses_match_the_model_loss():
         torch.testing.assert_close(l.mean(), ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(TypeError):
         scaling.story_token_losses(model, tok, "one story")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# WSD branches, memory formula, L(D) interpolation, IsoFLOP parabola
+def test_wsd_lr_shape():
+    lrs = [scaling.wsd_lr(s, 25, 1.0, 10) for s in range(25)]
+    assert lrs[:10] == pytest.approx([0.1 * (i + 1) for i in range(10)])
+    assert lrs[10:20] == [1.0] * 10                       # stable until the last 20% (5 steps)
+    assert lrs[20:] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    with pytest.raises(ValueError, match="step"):
+        scaling.wsd_lr(25, 25, 1.0, 10)
+
+
+def _tiny_streams():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 50, (4000,), generator=g)
+
+
+def test_wsd_branch_equals_fresh_run():
+    tokens = _tiny_streams()
+    ev = lambda m: float(sum(p.double().sum() for p in m.parameters()))      # a fingerprint of the weights
+    cfg = scaling.config(16, 1, 1, 50, 16)
+    torch.manual_seed(0)
+    long = scaling.train_wsd(GPT(cfg), tokens, ev, ends=(10, 20), batch_size=4, seq_len=16, lr=1e-2, warmup=2)
+    torch.manual_seed(0)
+    short = scaling.train_wsd(GPT(cfg), tokens, ev, ends=(10,), batch_size=4, seq_len=16, lr=1e-2, warmup=2)
+    assert long.cooled[10] == short.cooled[10]                 # exact: same batches, same rates, same state
+    assert set(long.uncooled) == {10} and long.uncooled[10] != long.cooled[10]
+    assert len(long.train_loss) == 20
+
+
+def test_wsd_bad_arguments():
+    tokens = _tiny_streams()
+    model = GPT(scaling.config(16, 1, 1, 50, 16))
+    with pytest.raises(TypeError, match="evaluate"):
+        scaling.train_wsd(model, tokens, 3, ends=(10,), batch_size=4, seq_len=16, lr=1e-2)
+    with pytest.raises(ValueError, match="warm-up"):
+        scaling.train_wsd(model, tokens, lambda m: 0.0, ends=(4, 20), batch_size=4, seq_len=16, lr=1e-2, warmup=5)
+    with pytest.raises(ValueError, match="cooldown"):
+        scaling.train_wsd(model, tokens, lambda m: 0.0, ends=(10,), batch_size=4, seq_len=16, lr=1e-2, cooldown=1.5)
+    with pytest.raises(TypeError, match="ends"):
+        scaling.train_wsd(model, tokens, lambda m: 0.0, ends=(10.5,), batch_size=4, seq_len=16, lr=1e-2)
+
+
+@pytest.mark.parametrize("width,n_layer,n_head", [(16, 1, 1), (48, 2, 3), (32, 3, 2)])
+def test_activation_formula_matches_saved_tensors(width, n_layer, n_head):
+    cfg = scaling.config(width, n_layer, n_head, 97, 32)
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 97, (3, 32)), torch.randint(0, 97, (3, 32))
+    assert scaling.training_memory(cfg, 3)["activations"] == scaling.saved_tensor_bytes(GPT(cfg), x, y)
+
+
+def test_training_memory_parameter_terms():
+    cfg = scaling.config(16, 1, 1, 97, 32)
+    mem = scaling.training_memory(cfg, 2)
+    n = sum(p.numel() for p in GPT(cfg).parameters())
+    assert (mem["params"], mem["grads"], mem["adam"]) == (4 * n, 4 * n, 8 * n)
+    assert mem["transient"] == 3 * 4 * 97 * 2 * 32
+    with pytest.raises(ValueError, match="multi-head"):
+        scaling.training_memory(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_kv_head=1,
+                                          d_model=16), 2)
+    with pytest.raises(TypeError, match="batch_size"):
+        scaling.training_memory(cfg, 2.0)
+
+
+def test_loss_at_tokens_interpolates_in_log_d():
+    assert scaling.loss_at_tokens([100, 400], [2.0, 1.0], 200) == pytest.approx(1.5)   # midpoint in log D
+    assert scaling.loss_at_tokens([100, 400], [2.0, 1.0], 100) == 2.0
+    with pytest.raises(ValueError, match="outside"):
+        scaling.loss_at_tokens([100, 400], [2.0, 1.0], 500)
+    with pytest.raises(ValueError, match="increasing"):
+        scaling.loss_at_tokens([400, 100], [2.0, 1.0], 200)
+
+
+def test_fit_isoflop_finds_the_minimum():
+    n = np.geomspace(1e3, 1e5, 6)
+    loss = 0.05 * (np.log(n) - np.log(7e3)) ** 2 + 1.0
+    fit = scaling.fit_isoflop(n, loss)
+    assert fit.n_opt == pytest.approx(7e3, rel=1e-6)
+    assert np.isnan(scaling.fit_isoflop(n, -loss).n_opt)      # opens downward: no minimum
+    with pytest.raises(ValueError, match="3 distinct"):
+        scaling.fit_isoflop([1, 1, 2], [1, 2, 3])
