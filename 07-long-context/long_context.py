@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from shared.model import Attention, GPTConfig, apply_rope
+from shared.model import Attention, GPTConfig, apply_rope, rope_cos_sin
 from shared.validate import check_int
 
 
@@ -52,17 +52,28 @@ class SlidingWindowAttention(Attention):
     decoding computes exactly what a full forward under `band_mask` computes. With a `cache` dict the layer keeps
     a rolling KV cache: "k", "v" (B, K, n, D) and "pos" (n,) with n <= sinks + window after every call: the
     sink tokens and the last `window` tokens; everything else is evicted. Memory O(window + sinks), not O(T).
+
+    `renumber=True` gives positions as StreamingLLM does: by slot in the cache, not in the stream. Sinks sit at
+    0 .. S-1, the window right after them and the query last, so a query never sees a distance larger than
+    S + W - 1. Distances to window keys are unchanged by this; only the query-to-sink distances shrink from p - j
+    to min(p, S + W - 1) - j. So the sink scores use the query rotated back by p - min(p, S + W - 1) (RoPE
+    rotations add up), everything else stays at absolute positions.
     """
 
-    def __init__(self, cfg: GPTConfig, layer_idx: int = 0, window: int = 64, sinks: int = 0):
+    def __init__(self, cfg: GPTConfig, layer_idx: int = 0, window: int = 64, sinks: int = 0,
+                 renumber: bool = False):
         if cfg.pos not in ("rope", "none"):
             raise ValueError(f"SlidingWindowAttention supports pos 'rope' or 'none', got {cfg.pos!r}")
         if not cfg.causal:
             raise ValueError("SlidingWindowAttention is causal: cfg.causal must be True")
         check_int("window", window, 1)
         check_int("sinks", sinks, 0)
+        if not isinstance(renumber, bool):
+            raise TypeError(f"renumber must be a bool, got {type(renumber).__name__}")
+        if renumber and cfg.pos != "rope":
+            raise ValueError(f"renumber=True re-rotates RoPE positions: cfg.pos must be 'rope', got {cfg.pos!r}")
         super().__init__(cfg, layer_idx)
-        self.window, self.sinks = window, sinks
+        self.window, self.sinks, self.renumber = window, sinks, renumber
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: dict | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -79,23 +90,68 @@ class SlidingWindowAttention(Attention):
             keep = (k_pos < self.sinks) | (k_pos > last - self.window)
             cache["k"], cache["v"], cache["pos"] = k[:, :, keep], v[:, :, keep], k_pos[keep]
         mask = band_mask(q_pos, k_pos, self.window, self.sinks)        # (T, T_k)
-        if self.store_weights:
+        renumbered = self.renumber and self.sinks > 0
+        if self.store_weights or renumbered:
             rep = H // K
             kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            scores = (q @ kk.transpose(-2, -1) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
+            scores = q @ kk.transpose(-2, -1)
+            if renumbered:                                              # sink columns: query at its cache slot
+                shift = q_pos.clamp(max=self.sinks + self.window - 1) - q_pos          # (T,) <= 0
+                cos, sin = rope_cos_sin(shift, D, self.cfg.rope_theta, q.dtype)
+                sink_scores = apply_rope(q, cos, sin) @ kk.transpose(-2, -1)
+                scores = torch.where(k_pos < self.sinks, sink_scores, scores)
+            scores = (scores / math.sqrt(D)).masked_fill(~mask, float("-inf"))
             w = scores.softmax(dim=-1)
-            self.last_weights = w.detach()
+            if self.store_weights:
+                self.last_weights = w.detach()
             y = w @ vv
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
-def sliding_factory(window: int, sinks: int = 0):
-    """attn_factory for `GPT(cfg, attn_factory=...)`: every layer a SlidingWindowAttention(window, sinks)."""
+def sliding_factory(window: int, sinks: int = 0, renumber: bool = False):
+    """attn_factory for `GPT(cfg, attn_factory=...)`: every layer a SlidingWindowAttention(window, sinks, renumber)."""
     check_int("window", window, 1)
     check_int("sinks", sinks, 0)
-    return lambda cfg, layer_idx: SlidingWindowAttention(cfg, layer_idx, window=window, sinks=sinks)
+    return lambda cfg, layer_idx: SlidingWindowAttention(cfg, layer_idx, window=window, sinks=sinks,
+                                                         renumber=renumber)
+
+
+def renumbered_attention_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int,
+                              theta: float = 10000.0) -> torch.Tensor:
+    """The reference for `renumber=True`, one query at a time: q (B, H, T, D), k, v (B, K, T, D) WITHOUT RoPE
+    (K divides H: grouped heads are repeated). For query p: its visible keys (band + sinks), positions = their rank
+    0 .. n-1 among them, the query at n-1; rotate, softmax, weighted sum. Returns (B, H, T, D)."""
+    B, H, T, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (T, D) or H % k.shape[1]:
+        raise ValueError(f"k, v must be (B, K, T, D) with K dividing H for q {tuple(q.shape)}, got {tuple(k.shape)}")
+    k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // k.shape[1], dim=1)
+    out = torch.empty_like(q)
+    for p in range(T):
+        seen = [j for j in range(p + 1) if p - j < window or j < sinks]
+        cos, sin = rope_cos_sin(torch.arange(len(seen)), D, theta, q.dtype)
+        kr = apply_rope(k[:, :, seen], cos, sin)
+        qr = apply_rope(q[:, :, p:p + 1], cos[-1:], sin[-1:])
+        w = (qr @ kr.transpose(-2, -1) / math.sqrt(D)).softmax(dim=-1)
+        out[:, :, p] = (w @ v[:, :, seen])[:, :, 0]
+    return out
+
+
+def loss_by_position(model, stream: torch.Tensor, length: int, n_seq: int) -> torch.Tensor:
+    """Mean next-token loss (nats) at each position 0 .. length-1 over `n_seq` consecutive chunks of `stream`
+    (1-D token ids): position t scores token t+1 given tokens 0..t of its chunk. Returns (length,)."""
+    check_int("length", length, 1)
+    check_int("n_seq", n_seq, 1)
+    if not isinstance(stream, torch.Tensor) or stream.dim() != 1:
+        raise TypeError("stream must be a 1-D tensor of token ids")
+    if len(stream) < n_seq * length + 1:
+        raise ValueError(f"stream has {len(stream)} tokens, need n_seq * length + 1 = {n_seq * length + 1}")
+    x = stream[:n_seq * length].view(n_seq, length)
+    y = stream[1:n_seq * length + 1].view(n_seq, length)
+    with torch.no_grad():
+        logits = model(x)[0]
+    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(0)
 
 
 def kv_cache_bytes_formula(n_layer: int, batch: int, n_kv_head: int, head_dim: int, slots: int,

@@ -102,6 +102,57 @@ def test_rolling_cache_bounded_and_prompt_chunks():
     assert lc.kv_cache_bytes_formula(2, 1, 2, 8, 8) == sum(c[k].numel() * 4 for c in caches for k in ("k", "v"))
 
 
+@pytest.mark.parametrize("T,W,S", [(40, 8, 3), (30, 5, 1), (12, 4, 8)])
+def test_renumbered_sinks_match_loop(T, W, S):
+    """renumber=True: the sink scores use cache-slot positions; checked one query at a time on raw q/k."""
+    import dataclasses
+    torch.manual_seed(3)
+    cfg = tiny_cfg()                                                # 4 query heads, 2 key/value heads
+    attn = lc.SlidingWindowAttention(cfg, 0, window=W, sinks=S, renumber=True).eval()
+    raw = lc.SlidingWindowAttention(dataclasses.replace(cfg, pos="none"), 0, window=W, sinks=S).eval()
+    raw.load_state_dict(attn.state_dict())
+    x = torch.randn(2, T, 32)
+    with torch.no_grad():
+        q, k, v = raw.project(x)                                   # no RoPE: the loop rotates by rank
+        ref = lc.renumbered_attention_loop(q, k, v, W, S, cfg.rope_theta)
+        ref = raw.o_proj(ref.transpose(1, 2).reshape(2, T, 32))
+        torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=0)
+
+
+def test_renumbering_changes_only_what_it_should():
+    torch.manual_seed(4)
+    cfg = tiny_cfg(n_layer=1)
+    plain = lc.SlidingWindowAttention(cfg, 0, window=5, sinks=2).eval()
+    renum = lc.SlidingWindowAttention(cfg, 0, window=5, sinks=2, renumber=True).eval()
+    renum.load_state_dict(plain.state_dict())
+    nosink = lc.SlidingWindowAttention(cfg, 0, window=5, renumber=True).eval()
+    nosink.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 20, 32)
+    with torch.no_grad():
+        a, b = plain(x), renum(x)
+        torch.testing.assert_close(a[:, :7], b[:, :7], atol=1e-5, rtol=0)       # p < S + W: nothing evicted yet
+        assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-3                          # past it, sinks move closer
+        plain_band = lc.SlidingWindowAttention(cfg, 0, window=5).eval()
+        plain_band.load_state_dict(plain.state_dict())
+        torch.testing.assert_close(nosink(x), plain_band(x), atol=1e-6, rtol=0)  # no sinks: nothing to renumber
+
+
+def test_renumbered_streaming_equals_full_recompute():
+    torch.manual_seed(5)
+    model = GPT(tiny_cfg(), attn_factory=lc.sliding_factory(5, 2, renumber=True)).eval()
+    prompt = torch.randint(0, 40, (2, 4))
+    a = decode(model, prompt, 40, greedy_next, window=10**9, use_cache=True)
+    b = decode(model, prompt, 40, greedy_next, window=10**9, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_renumber_bad_arguments():
+    with pytest.raises(TypeError, match="renumber must be a bool"):
+        lc.SlidingWindowAttention(tiny_cfg(), 0, window=4, sinks=1, renumber=1)
+    with pytest.raises(ValueError, match="cfg.pos must be 'rope'"):
+        lc.SlidingWindowAttention(tiny_cfg(pos="none"), 0, window=4, sinks=1, renumber=True)
+
+
 @pytest.mark.parametrize("D", [8, 16, 64])
 @pytest.mark.parametrize("factor", [1.0, 2.0, 4.0, 10.0])
 def test_rope_tables_match_transformers(D, factor):
@@ -237,3 +288,18 @@ def test_scaled_rope_model_matches_llama(rope_type):
     x = torch.randint(0, 50, (2, L))
     with torch.no_grad():
         torch.testing.assert_close(ours(x)[0], llama(x).logits, atol=1e-5, rtol=0)
+
+
+def test_loss_by_position_averages_to_the_loss():
+    torch.manual_seed(6)
+    model = GPT(tiny_cfg()).eval()
+    stream = torch.randint(0, 40, (200,))
+    per_pos = lc.loss_by_position(model, stream, 16, 3)
+    assert per_pos.shape == (16,)
+    x, y = stream[:48].view(3, 16), stream[1:49].view(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(per_pos.mean(), model(x, y)[1], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="need n_seq"):
+        lc.loss_by_position(model, stream, 100, 2)
+    with pytest.raises(TypeError, match="1-D"):
+        lc.loss_by_position(model, stream.view(10, 20), 4, 1)
