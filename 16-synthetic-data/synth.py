@@ -12,6 +12,8 @@ the truth, not a proxy. This module holds:
   same permutations as `datasketch`'s default `affine32` scheme so the two agree bit for bit), `lsh_pairs`
   (banding), `jaccard_pairs` (the brute force: all pairs through one sparse product) and `s_curve` (theory);
 * splits: `components` (union-find over near-duplicate pairs), `group_split`, `ngram_contamination`.
+* collapse: `opening` (a story's first sentences), `text_batches` (padded batches for `shared.train.train`),
+  `true_choice_probs`, `next_word_probs` (a model's exact name distribution) and `diversity` (its exact diversity).
 """
 from __future__ import annotations
 
@@ -395,6 +397,63 @@ def next_word_probs(model, tokenizer, contexts, words) -> np.ndarray:
         p = model(x)[0][0, -1].softmax(-1)[ids].double().numpy()
         out += p / p.sum()
     return out / len(contexts)
+
+
+def opening(text: str, n_sentences: int = 3) -> str:
+    """The first `n_sentences` sentences of a story: where the generator makes its free choices (size, animal,
+    name, place, colour, object)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not isinstance(n_sentences, int) or n_sentences < 1:
+        raise ValueError(f"n_sentences must be a positive int, got {n_sentences!r}")
+    return " ".join(sentences(text)[:n_sentences])
+
+
+def text_batches(tokenizer, texts, batch_size: int):
+    """A batch function for `shared.train.train`: each batch is `batch_size` of `texts` drawn without replacement
+    (a seeded permutation), each read after an end-of-text token, right-padded; targets -100 on the padding.
+    Returns `fn(generator) -> (x, y)`, both (batch_size, L - 1) long, L the longest text + 1 in tokens."""
+    texts = list(texts)
+    if not texts or not all(isinstance(t, str) and t for t in texts):
+        raise ValueError("texts must be a non-empty list of non-empty strings")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= len(texts):
+        raise ValueError(f"batch_size must be an int in [1, {len(texts)}], got {batch_size!r}")
+    eos = tokenizer.eos_token_id
+    rows = [[eos] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows) - 1
+    x = torch.full((len(rows), width), eos)
+    y = torch.full((len(rows), width), -100)
+    for i, r in enumerate(rows):
+        x[i, :len(r) - 1] = torch.tensor(r[:-1])
+        y[i, :len(r) - 1] = torch.tensor(r[1:])
+
+    def batch(generator):
+        idx = torch.randperm(len(rows), generator=generator)[:batch_size]
+        return x[idx], y[idx]
+    return batch
+
+
+def diversity(p, p_true=None, draws: int = 100) -> dict:
+    """Diversity of a categorical distribution `p` (K,), computed exactly (no sampling):
+    `effective` = 2^H(p) (the number of equally likely names with the same entropy), `expected_distinct` =
+    sum_i 1 - (1 - p_i)^draws (distinct names expected among `draws` samples), and, given the truth `p_true`,
+    `kl_bits` = KL(p_true || p) in bits and `tail` = p's mass on the rarer half of p_true's names."""
+    p = np.asarray(p, dtype=float)
+    if p.ndim != 1 or len(p) == 0 or (p < 0).any() or not math.isclose(p.sum(), 1.0, abs_tol=1e-6):
+        raise ValueError("p must be a non-empty 1-D probability vector (non-negative, summing to 1)")
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive int, got {draws!r}")
+    nz = p[p > 0]
+    out = {"effective": float(2 ** -(nz * np.log2(nz)).sum()), "expected_distinct": float((1 - (1 - p) ** draws).sum())}
+    if p_true is not None:
+        q = np.asarray(p_true, dtype=float)
+        if q.shape != p.shape or (q < 0).any() or not math.isclose(q.sum(), 1.0, abs_tol=1e-6):
+            raise ValueError(f"p_true must be a probability vector of the same shape as p {p.shape}, got {q.shape}")
+        m = q > 0
+        out["kl_bits"] = float((q[m] * np.log2(q[m] / p[m])).sum()) if (p[m] > 0).all() else math.inf
+        rare = np.argsort(-q, kind="stable")[len(q) // 2:]
+        out["tail"] = float(p[rare].sum())
+    return out
 
 
 @torch.no_grad()

@@ -146,3 +146,50 @@ def test_wilson_by_hand():
     assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-3)
     lo, hi = synth.wilson(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+
+
+def test_opening_and_text_batches():
+    from shared import zoo  # noqa: F401  (tokenizer only: a tiny BPE trained here)
+    from shared.tokenizer import train_tokenizer
+    assert synth.opening(REAL[0]) == " ".join(synth.sentences(REAL[0])[:3])
+    assert synth.opening("One. Two.", 1) == "One."
+    tok = train_tokenizer(REAL, vocab_size=300)
+    texts = [synth.opening(t) for t in REAL[:5]]
+    fn = synth.text_batches(tok, texts, 5)
+    import torch
+    x, y = fn(torch.Generator().manual_seed(0))
+    lens = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert x.shape == y.shape == (5, max(lens))
+    assert sorted((y != -100).sum(1).tolist()) == sorted(lens)          # every token of every text is a target
+    assert (x[:, 0] == tok.eos_token_id).all()                            # read after end-of-text
+    for xi, yi in zip(x, y):                                              # y is x shifted by one
+        n = int((yi != -100).sum())
+        assert torch.equal(xi[1:n], yi[:n - 1]) and (yi[n:] == -100).all()
+    with pytest.raises(ValueError):
+        synth.text_batches(tok, texts, 6)
+    with pytest.raises(ValueError):
+        synth.text_batches(tok, [], 1)
+    with pytest.raises(ValueError):
+        synth.opening(REAL[0], 0)
+    with pytest.raises(TypeError):
+        synth.opening(None)
+
+
+def test_diversity_by_hand():
+    d = synth.diversity([0.25] * 4, [0.25] * 4, draws=2)
+    assert d["effective"] == pytest.approx(4.0)
+    assert d["expected_distinct"] == pytest.approx(4 * (1 - 0.75 ** 2))
+    assert d["kl_bits"] == pytest.approx(0.0, abs=1e-12)
+    assert d["tail"] == pytest.approx(0.5)
+    d = synth.diversity([0.5, 0.5, 0.0, 0.0], [0.4, 0.3, 0.2, 0.1])
+    assert d["effective"] == pytest.approx(2.0) and d["kl_bits"] == math.inf and d["tail"] == 0.0
+    d = synth.diversity([0.5, 0.25, 0.25], [0.5, 0.25, 0.25])
+    assert d["kl_bits"] == pytest.approx(0.0, abs=1e-12)
+    assert synth.diversity([0.2, 0.8], [0.8, 0.2])["kl_bits"] == pytest.approx(0.6 * math.log2(4))
+    for bad in ([], [0.5, 0.6], [-0.1, 1.1], [[0.5, 0.5]]):
+        with pytest.raises(ValueError):
+            synth.diversity(bad)
+    with pytest.raises(ValueError):
+        synth.diversity([0.5, 0.5], [1.0])
+    with pytest.raises(ValueError):
+        synth.diversity([0.5, 0.5], draws=0)
