@@ -452,3 +452,39 @@ def fit_isoflop(n, loss) -> IsoFLOPFit:
         raise ValueError("need >= 3 distinct sizes N > 0, one loss each")
     a, b, c = np.polyfit(np.log(n), loss, 2)
     return IsoFLOPFit(float(a), float(b), float(c))
+
+
+def measure_training_peaks(widths, vocab_size: int, seq_len: int, batch_size: int, n_layer: int = 1) -> dict:
+    """Peak growth of resident memory (bytes) over building each width's model and three AdamW training steps.
+
+    Meant to run in a FRESH process (`python -c`): a long-lived process's heap history adds tens of MB of noise
+    to RSS. Big allocations are served by mmap (`shared.bench.large_allocations_from_os`) so freed tensors leave
+    RSS; one warm-up model trains first, so first-call allocations are not charged to the first width.
+    Returns {width: bytes}.
+    """
+    from shared import bench
+    from shared.model import GPT
+    from shared.train import make_optimizer
+
+    bench.large_allocations_from_os()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)      # (B, T) inputs
+    y = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)      # (B, T) targets
+
+    def three_steps(cfg):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+        for _ in range(3):
+            logits, loss = model(x, y)                 # the caller holds the logits through backward, as train does
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    three_steps(config(32, n_layer, 2, vocab_size, seq_len))
+    peaks = {}
+    for w in widths:
+        with bench.PeakRSS() as peak:
+            three_steps(config(w, n_layer, max(1, w // 16), vocab_size, seq_len))
+        peaks[w] = peak.peak_growth
+    return peaks
