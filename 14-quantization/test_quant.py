@@ -276,3 +276,21 @@ def test_ort_logits_on_a_tiny_onnx_graph(tmp_path):
     fn = quant.ort_logits(ort.InferenceSession(path, providers=["CPUExecutionProvider"]))
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
     torch.testing.assert_close(fn(idx), emb(idx).detach(), atol=1e-6, rtol=0)
+
+
+def test_input_channel_absmax_sees_every_linear_input():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(10, 6), torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    idx = torch.randint(0, 10, (2, 5))
+    stats = quant.input_channel_absmax(net, idx)
+    assert sorted(stats) == ["1", "3"]
+    with torch.no_grad():
+        e = net[0](idx)
+        h = net[2](net[1](e))
+    torch.testing.assert_close(stats["1"], e.abs().amax(dim=(0, 1)))
+    torch.testing.assert_close(stats["3"], h.abs().amax(dim=(0, 1)))
+    assert not net[1]._forward_hooks                                   # hooks removed
+    with pytest.raises(TypeError, match="token ids"):
+        quant.input_channel_absmax(net, idx.float())
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        quant.input_channel_absmax(torch.nn.Embedding(10, 6), idx)
