@@ -26,21 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shared.validate import check_ints
+
 SCHEMES = ("sinusoidal", "learned", "rope", "alibi", "none")
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _ints(**named) -> None:
-    """Every named value must be a positive int (TypeError for a non-int, ValueError for <= 0)."""
-    for name, value in named.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-        if value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value}")
-
-
 def _even(name: str, value) -> None:
-    _ints(**{name: value})
+    check_ints(1, **{name: value})
     if value % 2:
         raise ValueError(f"{name} must be even (dimensions come in (sin, cos) / rotation pairs), got {value}")
 
@@ -66,7 +59,7 @@ def sinusoidal_table(T: int, d_model: int, base: float = 10000.0) -> torch.Tenso
     PE[p, 2i] = sin(p / base^(2i/C)),  PE[p, 2i+1] = cos(p / base^(2i/C)),  i = 0 .. C/2 - 1.
     Pair i is a clock turning at angular speed base^(-2i/C) rad/position: fast clocks at low i, slow at high i.
     """
-    _ints(T=T)
+    check_ints(1, T=T)
     _even("d_model", d_model)
     base = _theta(base)
     pos = torch.arange(T, dtype=torch.float64)[:, None]                              # (T, 1)
@@ -85,11 +78,11 @@ class LearnedPositions(nn.Module):
 
     def __init__(self, max_len: int, d_model: int, init_std: float = 0.02):
         super().__init__()
-        _ints(max_len=max_len, d_model=d_model)
+        check_ints(1, max_len=max_len, d_model=d_model)
         self.table = nn.Parameter(torch.randn(max_len, d_model) * init_std)      # (max_len, C)
 
     def forward(self, T: int) -> torch.Tensor:
-        _ints(T=T)
+        check_ints(1, T=T)
         if T > self.table.shape[0]:        # the lesson: no row for a position never built
             raise ValueError(f"T={T} exceeds the learned table's max_len={self.table.shape[0]}: "
                              "a learned table has no rows for unseen positions")
@@ -170,7 +163,7 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     2^floor(log2 H) slopes of the nearest smaller power of two, then fill with every other slope of the next
     power of two (Press et al. 2022; ``alibi_slopes_paper`` is their code).
     """
-    _ints(n_head=n_head)
+    check_ints(1, n_head=n_head)
 
     def geometric(n: int) -> list[float]:
         return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
@@ -200,7 +193,7 @@ def alibi_bias(n_head: int, T: int, causal: bool = True) -> torch.Tensor:
 
     causal=True also puts -inf above the diagonal (n > m), so the result is the full mask+bias.
     """
-    _ints(T=T)
+    check_ints(1, T=T)
     slopes = alibi_slopes(n_head)                                              # (H,)
     pos = torch.arange(T)
     distance = (pos[:, None] - pos[None, :]).abs().float()                     # (T, T)
@@ -259,7 +252,7 @@ def principal_components(vectors: torch.Tensor, k: int = 3) -> tuple[torch.Tenso
     the variance each axis explains (k,). Centred, float64 SVD; a constant set has zero variance (fractions 0).
     """
     _tensor("vectors", vectors, dims=2, min_rows=1)
-    _ints(k=k)
+    check_ints(1, k=k)
     centred = vectors.double() - vectors.double().mean(0)
     U, S, _ = torch.linalg.svd(centred, full_matrices=False)                    # centred = U diag(S) Vh
     k_eff = min(k, S.numel())
@@ -279,7 +272,7 @@ def first_token_task(n_seqs: int, seq_len: int, vocab_size: int,
     Returns x, y, each (N, T) long. Tokens are distinct within a sequence (a random draw without replacement),
     so the answer is found only by knowing which token came first (see ``first_token_bounds``).
     """
-    _ints(n_seqs=n_seqs, seq_len=seq_len, vocab_size=vocab_size)
+    check_ints(1, n_seqs=n_seqs, seq_len=seq_len, vocab_size=vocab_size)
     if seq_len > vocab_size:
         raise ValueError(f"seq_len={seq_len} must be <= vocab_size={vocab_size} (tokens are distinct)")
     noise = torch.rand(n_seqs, vocab_size, generator=generator)
@@ -294,7 +287,7 @@ def first_token_batches(batch_size: int, seq_len: int, vocab_size: int):
     Position 0 is left out of the loss (y[:, 0] = -100) for every model alike: a causal model sees only the
     answer there.
     """
-    _ints(batch_size=batch_size)
+    check_ints(1, batch_size=batch_size)
     first_token_task(1, seq_len, vocab_size)                                    # validates the sizes once
 
     def batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,7 +309,7 @@ def first_token_bounds(seq_len: int) -> dict[str, dict[str, float]]:
     right (loss >= ln 2 each); only position T-1, whose mirror is the unscored position 0, can always be right.
     That is T/2 right answers out of T-1: accuracy T/(2(T-1)) (8/15 for T = 16), loss (T-2)/(T-1) ln 2.
     """
-    _ints(seq_len=seq_len)
+    check_ints(1, seq_len=seq_len)
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (position 0 is not scored), got {seq_len}")
     T = seq_len
@@ -359,7 +352,7 @@ def loss_by_position(model: nn.Module, tokens: torch.Tensor, seq_len: int, n_win
     model: idx (B, T) -> (logits (B, T, V), ...).
     """
     _tensor("tokens", tokens, dims=1)
-    _ints(seq_len=seq_len, n_windows=n_windows, batch_size=batch_size)
+    check_ints(1, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size)
     if len(tokens) < seq_len + 1:
         raise ValueError(f"tokens has {len(tokens)} entries, need at least seq_len + 1 = {seq_len + 1}")
     generator = torch.Generator().manual_seed(seed)

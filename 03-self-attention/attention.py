@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shared.validate import check_int
+
 
 # ----------------------------------------------------------------------------------------------------------
 # argument checks, gathered: TypeError for a wrong type, ValueError for a wrong value; the message names the
@@ -31,13 +33,6 @@ def _tensor(name: str, x, min_dim: int = 1, kind: str = "float") -> None:
         raise TypeError(f"{name} must have a {'floating' if kind == 'float' else kind} dtype, got {x.dtype}")
     if x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def _check_qkv(q, k, v, mask, is_causal) -> None:
@@ -95,8 +90,8 @@ def causal_mask(t_q: int, t_k: int | None = None, device=None) -> torch.Tensor:
     [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     """
     t_k = t_q if t_k is None else t_k
-    _positive_int("t_q", t_q)
-    _positive_int("t_k", t_k)
+    check_int("t_q", t_q, 1)
+    check_int("t_k", t_k, 1)
     return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril()
 
 
@@ -158,8 +153,8 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, d_model: int, n_head: int, bias: bool = True):
         super().__init__()
-        _positive_int("d_model", d_model)
-        _positive_int("n_head", n_head)
+        check_int("d_model", d_model, 1)
+        check_int("n_head", n_head, 1)
         if d_model % n_head != 0:
             raise ValueError(f"d_model must be divisible by n_head, got d_model={d_model}, n_head={n_head}")
         self.d_model, self.n_head, self.d_head = d_model, n_head, d_model // n_head
@@ -269,7 +264,7 @@ def offset_targets(t: int, offset: int = 1) -> torch.Tensor:
     """Bool (T, T): True at (i, i - offset). offset=1: the key a 'previous-token head' reads; offset=0 (the
     token itself) and offset=2 are its neighbours, the control for a previous-token claim; offset=-1 is the
     next token (what a model without the causal mask can read)."""
-    _positive_int("t", t)
+    check_int("t", t, 1)
     if isinstance(offset, bool) or not isinstance(offset, int):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")
     if abs(offset) >= t:
@@ -421,12 +416,12 @@ def saturation_sweep(d_heads: Sequence[int], n_keys: int = 64, n_queries: int = 
     input, after any scaling) for a random upstream gradient on the output, sized so that the gradient on the
     weights is N(0, 1) per key at every D (per query row, averaged): a saturated softmax passes almost none back.
     """
-    _positive_int("n_keys", n_keys)
-    _positive_int("n_queries", n_queries)
+    check_int("n_keys", n_keys, 1)
+    check_int("n_queries", n_queries, 1)
     if len(d_heads) == 0:
         raise ValueError("d_heads must list at least one head dimension, got an empty sequence")
     for d in d_heads:
-        _positive_int("d_heads[i]", d)
+        check_int("d_heads[i]", d, 1)
     gen = torch.Generator().manual_seed(seed)
     out = {"entropy": [], "max_weight": [], "score_grad_norm": []}
     for d in d_heads:

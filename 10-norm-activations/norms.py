@@ -33,6 +33,7 @@ import torch.nn as nn
 from shared.model import GPT, Block, GPTConfig
 from shared.data import random_windows
 from shared.train import evaluate, lr_at, make_optimizer, train
+from shared.validate import check_int
 
 NORMS = ("layer", "rms", "dyt", "none")
 ACTS = ("relu", "relu2", "gelu", "gelu_tanh", "silu")
@@ -47,13 +48,6 @@ def _check_choice(name: str, value, allowed: tuple) -> None:
         raise TypeError(f"{name} must be a string, one of {allowed}, got {type(value).__name__}")
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
 
 
 def _check_eps(eps) -> None:
@@ -107,7 +101,7 @@ class LayerNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
-        _check_positive_int("dim", dim)
+        check_int("dim", dim, 1)
         _check_eps(eps)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
@@ -122,7 +116,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
-        _check_positive_int("dim", dim)
+        check_int("dim", dim, 1)
         _check_eps(eps)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
@@ -136,7 +130,7 @@ class DyT(nn.Module):
 
     def __init__(self, dim: int, alpha0: float = 0.5):
         super().__init__()
-        _check_positive_int("dim", dim)
+        check_int("dim", dim, 1)
         if isinstance(alpha0, bool) or not isinstance(alpha0, (int, float)) or not alpha0 > 0:
             raise ValueError(f"alpha0 must be a positive float, got {alpha0!r}")
         self.alpha = nn.Parameter(torch.tensor(float(alpha0)))
@@ -152,7 +146,7 @@ class NoNorm(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        _check_positive_int("dim", dim)
+        check_int("dim", dim, 1)
 
     def forward(self, x):
         return x
@@ -210,9 +204,9 @@ GLU_ACT = {"swiglu": "silu", "geglu": "gelu"}
 
 def glu_width(d_model: int, plain_width: int | None = None) -> int:
     """GLU width with the weights of a plain MLP of `plain_width` (default 4 * d_model): round(2/3 * plain_width)."""
-    _check_positive_int("d_model", d_model)
+    check_int("d_model", d_model, 1)
     plain_width = 4 * d_model if plain_width is None else plain_width
-    _check_positive_int("plain_width", plain_width)
+    check_int("plain_width", plain_width, 1)
     return max(1, round(2 * plain_width / 3))
 
 
@@ -226,8 +220,8 @@ class PlainMLP(nn.Module):
 
     def __init__(self, d_model: int, width: int, act: str = "gelu"):
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("width", width)
+        check_int("d_model", d_model, 1)
+        check_int("width", width, 1)
         _check_choice("act", act, ACTS)
         self.act_name, self.act = act, ACTIVATIONS[act]
         self.up_proj = nn.Linear(d_model, width, bias=False)
@@ -242,8 +236,8 @@ class GLUMLP(nn.Module):
 
     def __init__(self, d_model: int, width: int, act: str = "silu"):
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("width", width)
+        check_int("d_model", d_model, 1)
+        check_int("width", width, 1)
         _check_choice("act", act, ACTS)
         self.act_name, self.act = act, ACTIVATIONS[act]
         self.gate_proj = nn.Linear(d_model, width, bias=False)
@@ -435,8 +429,8 @@ def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int = 30, in
     moments hit all of them alike): {name: (rounds,) seconds per call}."""
     if not fns:
         raise ValueError("fns must name at least one callable")
-    _check_positive_int("rounds", rounds)
-    _check_positive_int("inner", inner)
+    check_int("rounds", rounds, 1)
+    check_int("inner", inner, 1)
     out = {k: [] for k in fns}
     for fn in fns.values():
         fn()                                                   # warm-up
@@ -458,8 +452,8 @@ def train_tracking(model: GPT, train_tokens: torch.Tensor, probe: torch.Tensor, 
 
     Returns {"loss": [per step], "res_step": [steps], "res": (n_records, n_layer + 1) tensor, "failed_at": step or None}.
     """
-    _check_positive_int("steps", steps)
-    _check_positive_int("every", every)
+    check_int("steps", steps, 1)
+    check_int("every", every, 1)
     seq_len = model.cfg.block_size
     warmup = max(1, steps // 20) if warmup is None else warmup
     opt = make_optimizer(model, lr, weight_decay, (0.9, 0.95))

@@ -27,21 +27,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from shared.model import GPTConfig
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
+from shared.validate import check_int
 
 
 def config(d_model: int, n_layer: int, n_head: int, vocab_size: int, seq_len: int) -> GPTConfig:
     """The sweep's recipe: a shared Llama-shaped GPT (RoPE, RMSNorm, SwiGLU, tied embeddings) of this shape."""
     for name, value in (("d_model", d_model), ("n_layer", n_layer), ("n_head", n_head),
                         ("vocab_size", vocab_size), ("seq_len", seq_len)):
-        _positive_int(name, value)
+        check_int(name, value, 1)
     return GPTConfig(vocab_size=vocab_size, block_size=seq_len, n_layer=n_layer, n_head=n_head, d_model=d_model)
 
 
@@ -79,7 +72,7 @@ def train_flops(cfg: GPTConfig, n_tokens: int) -> dict[str, float]:
     and `total` = 6·N_matrix·D + lm_head + attention, the matmul FLOPs exactly (norm gains do no matmul).
     """
     cfg = _check_cfg(cfg)
-    _positive_int("n_tokens", n_tokens)
+    check_int("n_tokens", n_tokens, 1)
     N, T = non_embedding_params(cfg), cfg.block_size
     terms = {"6ND": 6.0 * N * n_tokens,
              "lm_head": 6.0 * cfg.d_model * cfg.vocab_size * n_tokens,
@@ -160,7 +153,7 @@ def bootstrap_fit(n, loss, n_boot: int = 200, seed: int = 0, floor: bool = True,
     """Refit on `n_boot` resamples (with replacement) of the (size, loss) points; resamples with fewer than
     `min_sizes` distinct sizes are drawn again. Spread of the returned fits' alpha/E = the fit's uncertainty."""
     n, loss = _check_points(n, loss)
-    _positive_int("n_boot", n_boot)
+    check_int("n_boot", n_boot, 1)
     if not 3 <= min_sizes <= len(np.unique(n)):
         raise ValueError(f"min_sizes must be in [3, {len(np.unique(n))}] (distinct sizes), got {min_sizes}")
     rng = np.random.default_rng(seed)
@@ -176,15 +169,15 @@ def bootstrap_fit(n, loss, n_boot: int = 200, seed: int = 0, floor: bool = True,
 # Units
 def nats_per_token_to_bits_per_char(loss: float, n_tokens: int, n_chars: int) -> float:
     """A loss in nats per predicted token over a stream of n_tokens tokens and n_chars characters -> bits/char."""
-    _positive_int("n_tokens", n_tokens)
-    _positive_int("n_chars", n_chars)
+    check_int("n_tokens", n_tokens, 1)
+    check_int("n_chars", n_chars, 1)
     return loss * n_tokens / n_chars / math.log(2)
 
 
 def bits_per_char_to_nats_per_token(bpc: float, n_tokens: int, n_chars: int) -> float:
     """The inverse of `nats_per_token_to_bits_per_char`."""
-    _positive_int("n_tokens", n_tokens)
-    _positive_int("n_chars", n_chars)
+    check_int("n_tokens", n_tokens, 1)
+    check_int("n_chars", n_chars, 1)
     return bpc * n_chars * math.log(2) / n_tokens
 
 
@@ -308,7 +301,7 @@ def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, s
 
     if not callable(evaluate):
         raise TypeError(f"evaluate must be a callable model -> float, got {type(evaluate).__name__}")
-    ends = sorted({_positive_int("each of ends", e) for e in ends})
+    ends = sorted({check_int("each of ends", e, 1) for e in ends})
     if not ends:
         raise ValueError("ends must hold at least one step count")
     if not 0 < cooldown < 1:
@@ -379,7 +372,7 @@ def training_memory(cfg: GPTConfig, batch_size: int) -> dict[str, int]:
     and the logits); at this vocabulary and width they are a large share of the peak.
     """
     cfg = _check_cfg(cfg)
-    _positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size, 1)
     C, H, L, V, T = cfg.d_model, cfg.n_head, cfg.n_layer, cfg.vocab_size, cfg.block_size
     if cfg.n_kv_head != cfg.n_head:
         raise ValueError("the activation count covers plain multi-head attention (n_kv_head == n_head)")
