@@ -25,6 +25,7 @@ import numbers
 import torch
 
 from shared.model import decode
+from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls sampling.wilson)
 
 KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
@@ -363,17 +364,6 @@ def longest_copy(ids) -> tuple[int, int]:
             if run > best[0]:
                 best = (run, lag)
     return best
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval (default 95 %) for a fraction successes / n: (low, high).
-    Unlike p +- z * sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at 0 or n successes."""
-    n = _number("n", n, 1, integer=True)
-    k = _number("successes", successes, 0, n, integer=True)
-    p, z2 = k / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -215,17 +215,6 @@ def test_perplexity_stops_at_the_first_stop_id():
     assert S.stop_mask(ids, 2).tolist() == [[True, True, True, False, False, False], [True] * 6]
 
 
-def test_wilson_by_hand():
-    lo, hi = S.wilson(5, 10)
-    assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4
-    assert S.wilson(0, 10) == (0.0, pytest.approx(1.96 ** 2 / (10 + 1.96 ** 2)))
-    assert S.wilson(10, 10)[1] == 1.0 and S.wilson(10, 10)[0] == pytest.approx(10 / (10 + 1.96 ** 2))
-    with pytest.raises(ValueError, match="successes"):
-        S.wilson(11, 10)
-    with pytest.raises(TypeError, match="n must"):
-        S.wilson(1, 10.0)
-
-
 def test_describe_keeps_every_knob_that_acts():
     assert S.describe(dict(greedy=True)) == "greedy"
     assert S.describe(dict(greedy=True, repetition_penalty=1.3)) == "greedy repetition_penalty=1.3"

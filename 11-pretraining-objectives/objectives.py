@@ -15,7 +15,6 @@ Shapes: B batch, T tokens, V vocab. Targets use -100 for positions left out of t
 from __future__ import annotations
 
 import copy
-import math
 import re
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.model import Attention, GPT, GPTConfig, decode
+from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls ob.wilson)
 
 MASK, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|mask|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
 OBJECTIVES = ("causal", "prefix", "mlm", "fim")
@@ -335,16 +335,6 @@ def zipf_logprobs(n: int, exponent: float = 0.7) -> torch.Tensor:
     """log p(rank) for the story generator's choice lists: p(rank r) proportional to (r + 1) ** -exponent."""
     w = torch.arange(1, n + 1, dtype=torch.float64) ** -exponent
     return (w / w.sum()).log()
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials."""
-    if n <= 0:
-        raise ValueError(f"n must be > 0, got {n}")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls ft.wilson)
 
 __all__ = ["TASKS", "ROLE_TOKENS", "CHAT_TEMPLATE", "fact_sentence", "qa_examples", "add_chat_tokens", "collate",
            "completion_loss", "finetune", "generate_answers", "grade", "exact_match", "category_prior_answers", "prior_answer_loss",
@@ -262,16 +263,6 @@ def adamw_state_bytes(optimizer) -> int:
     scalar step), read from `optimizer.state` after at least one step."""
     return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                if torch.is_tensor(v))
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for k successes out of n."""
-    if n < 1 or not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:

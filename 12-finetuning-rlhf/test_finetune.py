@@ -117,13 +117,10 @@ def test_preference_losses_closed_forms():
                            beta=0.5).item() - math.log1p(math.exp(-1.0))) < 1e-6
 
 
-def test_true_preference_and_wilson():
+def test_true_preference():
     assert ft.true_preference("red", "red") == 1.0
     assert ft.true_preference("red red kite", "red") == 0.5
     assert ft.true_preference("blue", "red") == 0.0 and ft.true_preference("", "red") == 0.0
-    lo, hi = ft.wilson(50, 100)
-    assert lo < 0.5 < hi and abs((hi - lo) - 0.19) < 0.01
-    assert ft.wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_category_prior(rows):
@@ -157,8 +154,6 @@ def test_bad_arguments(rows, tok):
         ft.dpo_loss(*[torch.zeros(1)] * 4, beta=0.0)
     with pytest.raises(ValueError, match="shapes differ"):
         ft.bradley_terry_loss(torch.zeros(2), torch.zeros(3))
-    with pytest.raises(ValueError, match="k <= n"):
-        ft.wilson(3, 2)
     with pytest.raises(TypeError, match="strings"):
         ft.true_preference(None, "red")
     with pytest.raises(ValueError, match="steps"):

@@ -28,6 +28,7 @@ import torch
 
 from shared import data
 from shared.model import decode, sample_next
+from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls synth.wilson)
 
 # ----------------------------------------------------------------------------------------------------------
 # Generation
@@ -210,16 +211,6 @@ def quality(texts, floor_bits_per_char: float | None = None) -> dict:
             "gap": bits - floor_bits_per_char if floor_bits_per_char is not None else None,
             "distinct-2": distinct_n(texts, 2), "names": len({f["name"] for f in fields}),
             "objects": len({f["object"] for f in fields}), "tail_names": sum(f["name"] in rare for f in fields)}
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a fraction k/n."""
-    if n <= 0 or not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # ----------------------------------------------------------------------------------------------------------

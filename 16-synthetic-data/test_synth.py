@@ -137,15 +137,6 @@ def test_bad_arguments():
         synth.lsh_pairs(np.zeros((2, 8), dtype=np.uint32), 3, 3)
     with pytest.raises(ValueError, match="texts"):
         synth.quality([])
-    with pytest.raises(ValueError):
-        synth.wilson(3, 2)
-
-
-def test_wilson_by_hand():
-    lo, hi = synth.wilson(0, 10)
-    assert lo == 0 and hi == pytest.approx(0.2775, abs=1e-3)
-    lo, hi = synth.wilson(5, 10)
-    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
 
 
 def test_opening_and_text_batches():

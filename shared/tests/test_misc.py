@@ -165,3 +165,24 @@ def test_check_int_accepts_ints_and_names_the_argument():
         check_int("head_dim", 1, 2)
     with pytest.raises(ValueError, match=r"b must be >= 1, got 0"):
         check_ints(1, a=1, b=0)
+
+
+def test_wilson_equals_scipy_and_validates():
+    import numpy as np
+    from scipy.stats import binomtest
+    from shared.stats import wilson
+    for k, n in [(0, 1), (0, 10), (3, 10), (10, 10), (37, 50), (512, 1000)]:
+        ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        low, high = wilson(k, n, z=1.959963984540054)       # scipy uses the exact normal quantile
+        assert abs(low - ref.low) < 1e-12 and abs(high - ref.high) < 1e-12, (k, n)
+    assert wilson(np.int64(3), np.int64(10)) == wilson(3, 10)   # counts summed from arrays are accepted
+    low, high = wilson(0, 5)
+    assert low == 0.0 and 0 < high < 1                          # not empty at zero successes
+    with pytest.raises(ValueError, match="successes must be <= n"):
+        wilson(6, 5)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        wilson(0, 0)
+    with pytest.raises(TypeError, match="successes must be an int"):
+        wilson(2.5, 5)
+    with pytest.raises(ValueError, match="z must be a number > 0"):
+        wilson(1, 5, z=0)
