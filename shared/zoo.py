@@ -43,7 +43,7 @@ def cache_dir() -> Path:
 
 
 RECIPE_KEYS = {
-    "data": {"corpus", "n_train", "n_val", "n_test", "seed"},
+    "data": {"corpus", "n_train", "n_val", "n_test", "seed", "min_recall", "max_recall"},  # recall: stories only
     "tokenizer": {"vocab_size"},
     "train": set(inspect.signature(train_loop).parameters) - {"model", "train_tokens", "val_tokens", "progress"},
 }
@@ -138,8 +138,9 @@ def corpus(recipe_or_name):
     spec = dict(recipe["data"])
     kind = spec.pop("corpus")
     if kind == "stories":
+        recall = {k: spec[k] for k in ("min_recall", "max_recall") if k in spec}   # default: the generator's 1..8
         return data.stories(n_train=spec["n_train"], n_val=spec["n_val"], n_test=spec.get("n_test", 0),
-                            seed=spec["seed"])
+                            seed=spec["seed"], **recall)
     if kind == "python_docs":
         return data.python_docs(seed=spec.get("seed", 0))
     raise ValueError(f"unknown corpus {kind!r}")
@@ -177,7 +178,8 @@ def _build(name: str, recipe: dict, out: Path) -> None:
             "val_loss": val_loss, "val_tokens": len(val_ids), "torch": torch.__version__}
     if recipe["data"]["corpus"] == "stories":
         n_chars = sum(ds["validation"]["n_chars"])
-        floor, floor_se = data.entropy_rate()
+        recall = {k: recipe["data"][k] for k in ("min_recall", "max_recall") if k in recipe["data"]}
+        floor, floor_se = data.entropy_rate(**recall)
         meta.update(val_bits_per_char=data.bits_per_char(val_loss, len(val_ids) - 1, n_chars),
                     entropy_bits_per_char=floor, entropy_bits_per_char_se=floor_se,
                     val_floor_bits_per_char=-sum(ds["validation"]["logprob"]) / math.log(2) / n_chars)

@@ -122,3 +122,15 @@ def test_seed_override_changes_the_recipe_and_its_folder(cache, monkeypatch):
     monkeypatch.setenv("LLMP_ZOO_SEED", "x")
     with pytest.raises(ValueError, match="LLMP_ZOO_SEED"):
         zoo.entry_dir("tiny-test")
+
+
+def test_recipe_may_fix_the_recall_distance_range():
+    recipe = {**TINY, "data": {**TINY["data"], "min_recall": 2, "max_recall": 3}}
+    zoo.register("tiny-recall-test", recipe)
+    try:
+        ds = zoo.corpus("tiny-recall-test")
+        assert set(ds["train"]["recall_distance"]) == {2, 3}
+        assert set(zoo.corpus(TINY)["train"]["recall_distance"]) > {2, 3}      # default range: 1..8
+        assert zoo.recipe_hash(recipe) != zoo.recipe_hash(TINY)
+    finally:
+        zoo.RECIPES.pop("tiny-recall-test", None)
