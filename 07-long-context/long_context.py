@@ -363,3 +363,96 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
     visible = band_mask(q_pos, k_pos, window) if window is not None else k_pos[None, :] <= q_pos[:, None]
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recall of the planted object at a distance ("Mia had a red kite. ... Later, Mia found the red kite.")
+@dataclasses.dataclass(frozen=True)
+class RecallItem:
+    """One story scored on its recalled object. The model reads `ids[:query + 1]` (up to "... the red") and must
+    predict `target` (the object, "kite") at position `query`; the planted object sits at `query - distance`, so a
+    band of W tokens still sees it directly iff `distance < W`."""
+    ids: tuple[int, ...]    # the whole story's token ids
+    query: int              # position whose next-token prediction is scored
+    target: int             # the object's token id (= ids[query + 1] = ids[query - distance])
+    distance: int           # tokens from the planted object to the query (query - planted position)
+    sentences: int          # filler sentences between the plant and the recall (the corpus's recall_distance)
+
+
+def recall_items(tokenizer, stories) -> list[RecallItem]:
+    """A `RecallItem` per story; `stories` is a sequence of dicts (or a `datasets` split) with the story corpus's
+    `text`, `colour`, `object` and `recall_distance`. Needs a tokenizer that keeps word boundaries (one token per
+    story word, as the zoo's does): raises ValueError if the object's tokens do not line up."""
+    items = []
+    for i, st in enumerate(stories):
+        text, colour, obj = st["text"], st["colour"], st["object"]
+        try:
+            recall_at = text.index(f" the {colour} {obj}.", text.index("Later, "))
+            planted_at = text.index(f" {colour} {obj}.")
+        except ValueError:
+            raise ValueError(f"story {i} has no planted and recalled '{colour} {obj}'") from None
+        ids = tuple(tokenizer.encode(text))
+        query = len(tokenizer.encode(text[:recall_at + len(f" the {colour}")])) - 1
+        planted = len(tokenizer.encode(text[:planted_at + len(f" {colour}")]))
+        if not (0 < planted < query + 1 < len(ids)) or ids[planted] != ids[query + 1]:
+            raise ValueError(f"story {i}: the object's tokens do not line up (a tokenizer that merges across words?)")
+        items.append(RecallItem(ids, query, ids[query + 1], query - planted, int(st["recall_distance"])))
+    return items
+
+
+@torch.no_grad()
+def recall_hits(model, items: list[RecallItem], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """(N,) bool: does the model's top-1 next token at each item's `query` equal its `target` (teacher-forced,
+    right-padded batches: a causal model never sees the padding)."""
+    check_int("pad_id", pad_id, 0)
+    check_int("batch_size", batch_size, 1)
+    if not items:
+        raise ValueError("items is empty")
+    hits = []
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        T = max(it.query + 1 for it in chunk)
+        x = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        for b, it in enumerate(chunk):
+            x[b, :it.query + 1] = torch.tensor(it.ids[:it.query + 1])
+        logits = model(x)[0]                                                  # (B, T, V)
+        q = torch.tensor([it.query for it in chunk])
+        pred = logits[torch.arange(len(chunk)), q].argmax(-1)                 # (B,)
+        hits.append(pred == torch.tensor([it.target for it in chunk]))
+    return torch.cat(hits)
+
+
+def accuracy_by_bin(hits: torch.Tensor, distances, edges) -> list[tuple[int, int]]:
+    """(successes, n) of `hits` (N,) bool per distance bin [edges[i], edges[i+1]) (len(edges) - 1 bins)."""
+    d = torch.as_tensor(distances)
+    if hits.shape != d.shape:
+        raise ValueError(f"hits {tuple(hits.shape)} and distances {tuple(d.shape)} must have the same shape")
+    if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"edges must be at least 2 increasing values, got {list(edges)}")
+    return [(int(hits[(d >= lo) & (d < hi)].sum()), int(((d >= lo) & (d < hi)).sum()))
+            for lo, hi in zip(edges, edges[1:])]
+
+
+def collapse_distance(edges, accuracy, threshold: float) -> int | None:
+    """Lower edge of the first distance bin whose accuracy falls below `threshold` after some bin was at or above
+    it (None if it never rises above, or never falls): where recall collapses."""
+    if len(accuracy) != len(edges) - 1:
+        raise ValueError(f"need one accuracy per bin: {len(edges) - 1} bins, got {len(accuracy)}")
+    seen = False
+    for lo, a in zip(edges, accuracy):
+        seen = seen or a >= threshold
+        if seen and a < threshold:
+            return int(lo)
+    return None
+
+
+# The zoo entry `stories-recall`: a model that does learn the recall (register it with `shared.zoo.register`).
+# Stories recall after 1-4 filler sentences (15-50 tokens); 2 layers, d=128, batches of 8 x 256 tokens. Measured in a
+# prototype (1 thread, seed 0): object recall stays at the majority guess for 600 steps, then jumps to 1.00 at every
+# trained distance by step 900; the remaining steps are margin for another seed.
+RECALL_RECIPE = {
+    "data": {"corpus": "stories", "n_train": 20000, "n_val": 1000, "seed": 0, "min_recall": 1, "max_recall": 4},
+    "tokenizer": {"vocab_size": 1024},
+    "model": {"block_size": 256, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 128},
+    "train": {"steps": 2400, "batch_size": 8, "lr": 5e-3, "seed": 0},
+}

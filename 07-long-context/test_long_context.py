@@ -303,3 +303,105 @@ def test_loss_by_position_averages_to_the_loss():
         lc.loss_by_position(model, stream, 100, 2)
     with pytest.raises(TypeError, match="1-D"):
         lc.loss_by_position(model, stream.view(10, 20), 4, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recall at a distance
+def _recall_setup(n=12, seed=3):
+    from shared import data, zoo
+    _, tok = zoo.load("stories-base")
+    rows = data.stories(n_train=0, n_val=n, n_test=0, seed=seed)["validation"]
+    return tok, rows, lc.recall_items(tok, rows)
+
+
+def test_recall_items_point_at_the_planted_and_recalled_object():
+    tok, rows, items = _recall_setup()
+    assert len(items) == len(rows)
+    for it, st in zip(items, rows):
+        obj = tok.encode(" " + st["object"])
+        assert len(obj) == 1 and it.target == obj[0]
+        assert it.ids[it.query + 1] == it.target == it.ids[it.query - it.distance]
+        assert tok.decode(list(it.ids[:it.query + 1])).endswith(f"the {st['colour']}")
+        assert it.sentences == st["recall_distance"]
+        assert it.target not in it.ids[it.query - it.distance + 1:it.query + 1]   # fillers never name the object
+    by_sentences = {}
+    for it in items:
+        by_sentences.setdefault(it.sentences, []).append(it.distance)
+    means = [sum(v) / len(v) for _, v in sorted(by_sentences.items())]
+    assert means == sorted(means)                                                  # farther in sentences, in tokens
+    with pytest.raises(ValueError, match="no planted"):
+        lc.recall_items(tok, [dict(rows[0], object="zebra")])
+
+
+class _Peek(torch.nn.Module):
+    """A fake 'model' whose logits at t are one-hot on a token it is handed: checks recall_hits' indexing."""
+    def __init__(self, answer, vocab):
+        super().__init__()
+        self.answer, self.vocab = answer, vocab
+
+    def forward(self, x):
+        return (F.one_hot(self.answer(x), self.vocab).float(),)
+
+
+def test_recall_hits_scores_the_query_position():
+    tok, rows, items = _recall_setup()
+    V = len(tok)
+    # predicting the query's own token (the colour) never hits; a model shown the true next token always does
+    own = lc.recall_hits(_Peek(lambda x: x, V), items, tok.eos_token_id, batch_size=5)
+    assert own.shape == (len(items),) and not own.any()
+    table = {it.ids[:it.query + 1]: it.target for it in items}
+    def oracle(x):
+        out = torch.zeros_like(x)
+        for b in range(x.shape[0]):
+            row = tuple(x[b].tolist())
+            for prefix, target in table.items():
+                if row[:len(prefix)] == prefix:
+                    out[b, len(prefix) - 1] = target
+        return out
+    assert lc.recall_hits(_Peek(oracle, V), items, tok.eos_token_id, batch_size=5).all()
+    with pytest.raises(ValueError, match="empty"):
+        lc.recall_hits(_Peek(oracle, V), [], 0)
+    with pytest.raises(TypeError, match="batch_size"):
+        lc.recall_hits(_Peek(oracle, V), items, 0, batch_size=2.0)
+
+
+def test_band_sees_the_object_iff_distance_below_window():
+    """A 1-layer model can only recall what its band shows it: with W <= distance the answer cannot depend on
+    the planted object (swap it and the logits at the query do not move); with W > distance it can."""
+    tok, rows, items = _recall_setup(n=4)
+    cfg = GPTConfig(vocab_size=len(tok), block_size=128, n_layer=1, n_head=2, n_kv_head=1, d_model=32)
+    torch.manual_seed(0)
+    base = GPT(cfg).eval()
+    it = items[0]
+    x = torch.tensor([it.ids[:it.query + 1]])
+    swapped = x.clone()
+    swapped[0, it.query - it.distance] = (it.target + 1) % len(tok)
+    for W, moves in ((it.distance, False), (it.distance + 1, True)):
+        m = GPT(cfg, attn_factory=lc.sliding_factory(window=W)).eval()
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            diff = (m(x)[0][0, -1] - m(swapped)[0][0, -1]).abs().max().item()
+        assert (diff > 1e-6) == moves, (W, diff)
+
+
+def test_accuracy_by_bin_and_collapse():
+    hits = torch.tensor([1, 1, 0, 1, 0, 0, 1], dtype=torch.bool)
+    dist = [1, 2, 3, 11, 12, 25, 40]
+    assert lc.accuracy_by_bin(hits, dist, [0, 10, 20, 30, 50]) == [(2, 3), (1, 2), (0, 1), (1, 1)]
+    assert lc.collapse_distance([0, 10, 20, 30], [0.9, 0.8, 0.2], 0.5) == 20
+    assert lc.collapse_distance([0, 10, 20, 30], [0.1, 0.9, 0.2], 0.5) == 20     # must have been above first
+    assert lc.collapse_distance([0, 10, 20], [0.9, 0.8], 0.5) is None            # never falls
+    assert lc.collapse_distance([0, 10, 20], [0.1, 0.2], 0.5) is None            # never rises
+    with pytest.raises(ValueError, match="same shape"):
+        lc.accuracy_by_bin(hits, dist[:3], [0, 10])
+    with pytest.raises(ValueError, match="increasing"):
+        lc.accuracy_by_bin(hits, dist, [0, 0])
+    with pytest.raises(ValueError, match="one accuracy per bin"):
+        lc.collapse_distance([0, 10], [0.5, 0.5], 0.5)
+
+
+def test_recall_recipe_is_a_valid_zoo_recipe():
+    from shared import zoo
+    zoo.register("stories-recall", lc.RECALL_RECIPE)        # validates every section and key
+    d = lc.RECALL_RECIPE["data"]
+    assert d["corpus"] == "stories" and 1 <= d["min_recall"] <= d["max_recall"]
