@@ -32,8 +32,21 @@ import sys
 import time
 from pathlib import Path
 
-STACKS = ("ours-nocache", "ours-cache", "ours-paged", "hf", "deepspeed", "onnx", "ct2")
+STACKS = ("ours-nocache", "ours-cache", "ours-paged", "hf", "deepspeed", "onnx", "ct2", "vllm")
+MIXED_STACKS = ("ours-paged", "hf", "vllm")       # the stacks that also run the mixed-length workload
 HERE = Path(__file__).resolve().parent
+VLLM_ENV_REASON = "run 15-inference-stacks/vllm_env.sh to build vLLM's own environment"
+# vLLM's own process: the fast single-process path on a small CPU (NOTES.md), threads and KV pool set by run_stack
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_CONFIGURE_LOGGING": "1"}
+
+
+def vllm_python() -> Path | None:
+    """The interpreter of vLLM's own environment (`$LLMP_VLLM_VENV`, default `<repo>/.venv-vllm`), or None."""
+    venv = Path(os.environ.get("LLMP_VLLM_VENV") or HERE.parent / ".venv-vllm")
+    python = venv / "bin" / "python"
+    return python if python.is_file() else None
 
 
 def skipped_stacks() -> dict[str, str]:
@@ -42,42 +55,215 @@ def skipped_stacks() -> dict[str, str]:
 
     cuda = torch.cuda.is_available()
     reasons = {}
-    if importlib.util.find_spec("vllm") is None:
-        reasons["vllm-cpu"] = ("vllm is not installed in this environment: it pins transformers<5.20 and brings "
-                               "CUDA torchvision/torchaudio, so it needs an environment of its own (not built here)")
+    if vllm_python() is None:
+        reasons["vllm"] = f"no vLLM environment (.venv-vllm or $LLMP_VLLM_VENV): {VLLM_ENV_REASON}"
     if not cuda:
         reasons["vllm-cuda"] = "no CUDA GPU on this machine"
         reasons["exllamav2"] = "no CUDA GPU on this machine (ExLlama kernels are CUDA-only)"
     elif importlib.util.find_spec("exllamav2") is None:
         reasons["exllamav2"] = "exllamav2 is not installed"
-    if shutil.which("llama-cli") is None and importlib.util.find_spec("llama_cpp") is None:
-        reasons["llama.cpp"] = "neither llama-cli nor llama-cpp-python is installed"
+    if importlib.util.find_spec("llama_cpp") is None:
+        reasons["llama.cpp"] = "llama-cpp-python is not installed (optional: building it takes minutes)"
+    else:
+        reasons["llama.cpp"] = "llama-cpp-python is installed, but this harness has no llama.cpp row yet"
     return reasons
 
 
 def run_stack(stack: str, model_dir: str | Path, prompts: list[list[int]], max_new: int, threads: int = 1,
-              repeats: int = 3, timeout: float = 300.0) -> dict:
-    """Run one stack in a fresh Python process and return its measurements (see the module docstring)."""
+              repeats: int = 3, timeout: float = 300.0, mixed: tuple[list[list[int]], list[int]] | None = None,
+              max_batch: int = 8) -> dict:
+    """Run one stack in a fresh Python process and return its measurements (see the module docstring).
+
+    `mixed=(prompts, new_tokens)`: also decode that mixed-length workload once, all requests at once with at most
+    `max_batch` in flight (stacks in `MIXED_STACKS` only). "vllm" runs under `vllm_python()`'s interpreter."""
     if stack not in STACKS:
         raise ValueError(f"stack must be one of {STACKS}, got {stack!r}")
     if not isinstance(prompts, list) or not prompts or len({len(p) for p in prompts}) != 1:
         raise ValueError("prompts must be a non-empty list of token-id lists, all of the same length")
-    for name, value in (("max_new", max_new), ("threads", threads), ("repeats", repeats)):
+    for name, value in (("max_new", max_new), ("threads", threads), ("repeats", repeats), ("max_batch", max_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if mixed is not None:
+        if stack not in MIXED_STACKS:
+            raise ValueError(f"mixed: only the stacks {MIXED_STACKS} run the mixed workload, got stack {stack!r}")
+        if (not isinstance(mixed, (tuple, list)) or len(mixed) != 2 or len(mixed[0]) != len(mixed[1])
+                or not mixed[0] or not all(p for p in mixed[0]) or not all(isinstance(n, int) and n >= 1
+                                                                             for n in mixed[1])):
+            raise ValueError("mixed must be (prompts, new_tokens): equally long non-empty lists, non-empty prompts, "
+                             f"new token counts >= 1; got {type(mixed).__name__}")
+    python = sys.executable
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    if stack == "vllm":
+        python = vllm_python()
+        if python is None:
+            raise FileNotFoundError(f"stack 'vllm' needs its own environment: {VLLM_ENV_REASON}")
+        env.update(VLLM_ENV)
+        env.pop("PYTHONPATH", None)            # nothing from our environment leaks into vLLM's
     work = Path(model_dir).parent
     args_file, out_file = work / f"{stack}.args.json", work / f"{stack}.out.json"
     args_file.write_text(json.dumps({"prompts": prompts, "max_new": max_new, "threads": threads,
-                                     "repeats": repeats}))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+                                     "repeats": repeats, "max_batch": max_batch,
+                                     "mixed": None if mixed is None else [list(mixed[0]), list(mixed[1])]}))
+    out_file.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, str(HERE / "stack_bench.py"), stack, str(model_dir), str(args_file),
+    done = subprocess.run([str(python), str(HERE / "stack_bench.py"), stack, str(model_dir), str(args_file),
                            str(out_file)], capture_output=True, text=True, env=env, timeout=timeout, cwd=HERE)
     if done.returncode:
         raise RuntimeError(f"stack {stack} failed:\n{done.stderr[-3000:]}")
     result = json.loads(out_file.read_text())
     result["process_s"] = time.perf_counter() - t0
     return result
+
+
+def pad_head_dim(model_dir: str | Path, out_dir: str | Path, factor: int) -> Path:
+    """Write an *exactly equivalent* Llama folder whose attention heads are `factor` times wider (zeros added).
+
+    vLLM's CPU attention kernel supports only some head sizes (32, 64, 80, ... in 0.32; not our 40). Padding is
+    exact, not an approximation: q/k/v rows of head dim d go to new dim `factor * d` within the same half of the
+    head (RoPE pairs dim i with i + D/2 at frequency theta^(-2i/D); at new dim factor*i of a head of factor*D it
+    turns at the same frequency), the other rows are zero (a zero pair rotates to zero and adds 0 to q.k), o_proj
+    gets zero columns, and q is scaled by sqrt(factor) so that q.k / sqrt(factor * D) = q.k / sqrt(D): exact in
+    floating point when factor is a power of 4. Needs only torch, safetensors and json (runs in either env)."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    old = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    if old % 2:
+        raise ValueError(f"head_dim must be even for RoPE pairs, got {old}")
+    new = old * factor
+    half, new_half = old // 2, new // 2
+    index = torch.tensor([factor * i for i in range(half)] + [new_half + factor * i for i in range(half)])
+
+    def rows(w, n_heads, scale=1.0):        # (n_heads * old, C) -> (n_heads * new, C)
+        out = w.new_zeros(n_heads, new, w.shape[1])
+        out[:, index] = w.view(n_heads, old, -1) * scale
+        return out.reshape(n_heads * new, -1)
+
+    weights = load_file(str(model_dir / "model.safetensors"))
+    for name, w in list(weights.items()):
+        if name.endswith("self_attn.q_proj.weight"):
+            weights[name] = rows(w, heads, math.sqrt(factor))
+        elif name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            weights[name] = rows(w, kv_heads)
+        elif name.endswith("self_attn.o_proj.weight"):             # (C, heads * old) -> (C, heads * new)
+            weights[name] = rows(w.t().contiguous(), heads).t().contiguous()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps({**cfg, "head_dim": new}, indent=2))
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+def vllm_model_dir(model_dir: str | Path, supported: list[int]) -> tuple[Path, int]:
+    """The folder vLLM loads: `model_dir` itself when its head size is in `supported`, else a padded copy
+    (`pad_head_dim`, smallest power-of-4 factor that lands on a supported size). Returns (folder, factor)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    old = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    factor = 1
+    while old * factor not in supported:
+        factor *= 4
+        if old * factor > max(supported):
+            raise ValueError(f"head_dim {old}: no power-of-4 multiple among the supported sizes {supported}")
+    if factor == 1:
+        return Path(model_dir), 1
+    return pad_head_dim(model_dir, Path(model_dir).parent / f"{Path(model_dir).name}-vllm", factor), factor
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:                    # a free loopback port, not a fixed one another job may hold
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stream_completion(port: int, prompt: list[int], max_new: int, t_start: float) -> dict:
+    """One streamed, greedy completion from the OpenAI-compatible endpoint: token ids, TTFT and latency."""
+    import http.client
+
+    body = json.dumps({"model": "model", "prompt": prompt, "max_tokens": max_new, "temperature": 0.0,
+                       "ignore_eos": True, "stream": True, "return_token_ids": True})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"/v1/completions answered {response.status}: {response.read()[:500]!r}")
+    tokens, first = [], None
+    for line in response:                            # server-sent events: "data: {...}" ... "data: [DONE]"
+        line = line.decode().strip()
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        ids = json.loads(line[5:])["choices"][0].get("token_ids") or []
+        if ids and first is None:
+            first = time.perf_counter()
+        tokens += ids
+    end = time.perf_counter()
+    conn.close()
+    return {"tokens": tokens, "ttft_s": first - t_start, "latency_s": end - t_start}
+
+
+def serve_vllm(model_dir: str | Path, prompts: list[list[int]], max_new: int, threads: int = 1,
+               ready_timeout: float = 180.0) -> dict:
+    """vLLM's OpenAI-compatible server on 127.0.0.1 (a free port), in vLLM's own environment: start it, wait for
+    /health (at most `ready_timeout` s), send all `prompts` at once as streamed greedy completions of exactly
+    `max_new` tokens, then stop it by PID (always). Returns ready_s, per-request ttft_s/latency_s, tokens, total_s."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) and p for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    for name, value in (("max_new", max_new), ("threads", threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    python = vllm_python()
+    if python is None:
+        raise FileNotFoundError(f"the vLLM server needs its own environment: {VLLM_ENV_REASON}")
+    port = _free_port()
+    env = {**os.environ, **VLLM_ENV, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    env.pop("PYTHONPATH", None)
+    log = Path(model_dir).parent / "vllm-server.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as log_file:
+        server = subprocess.Popen([str(python), str(HERE / "stack_bench.py"), "vllm-serve", str(model_dir),
+                                   str(port), str(len(prompts))], stdout=log_file, stderr=subprocess.STDOUT,
+                                  env=env, cwd=HERE, start_new_session=True)
+    try:
+        while True:                                  # poll /health until the engine answers
+            if server.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+            if time.perf_counter() - t0 > ready_timeout:
+                raise TimeoutError(f"the vLLM server was not ready after {ready_timeout} s")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        ready_s = time.perf_counter() - t0
+        _stream_completion(port, prompts[0], 2, time.perf_counter())          # warm-up
+        t_start = time.perf_counter()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(lambda p: _stream_completion(port, p, max_new, t_start), prompts))
+        total_s = time.perf_counter() - t_start
+    finally:                                         # always stop it, by its PID (its session: the engine too)
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+            server.wait()
+    return {"ready_s": ready_s, "total_s": total_s, "port": port, "tokens": [a["tokens"] for a in answers],
+            "ttft_s": [a["ttft_s"] for a in answers], "latency_s": [a["latency_s"] for a in answers],
+            "returncode": server.returncode}
 
 
 # ---------------------------------------------------------------------------------------------- in the child
@@ -109,7 +295,10 @@ def _greedy_loop(step_fn, prompts, max_new, stamps):
     return [row[len(p):] for row, p in zip(ids, prompts)]
 
 
-def _load(stack, model_dir, threads):
+_EXTRA = {}        # what a stack's loader adds: "mixed" (prompts, new_tokens) -> outputs, "head_dim_factor"
+
+
+def _load(stack, model_dir, threads, max_batch=8):
     """Returns generate(prompts, max_new, stamps) -> new token ids per prompt; `stamps` gets a time per token."""
     if stack in ("ours-nocache", "ours-cache", "ours-paged", "hf"):
         import torch
@@ -149,6 +338,13 @@ def _load(stack, model_dir, threads):
                 engine.step()
                 stamps.append(time.perf_counter())
             return [r.output for r in sorted(engine.done, key=lambda r: r.rid)]
+
+        def mixed(prompts, new_tokens):     # continuous batching, a pool with room for max_batch longest requests
+            longest = max(len(p) + n for p, n in zip(prompts, new_tokens))
+            engine = serving.Engine(model, num_blocks=max_batch * -(-longest // 16), block_size=16,
+                                    max_batch=max_batch)
+            return [r.output for r in engine.run(serving.mixed_workload(prompts, new_tokens))]
+        _EXTRA["mixed"] = mixed
         return generate
     if stack in ("hf", "deepspeed"):
         import torch
@@ -183,6 +379,21 @@ def _load(stack, model_dir, threads):
                                      dtype=torch.long), max_new_tokens=max_new, do_sample=False,
                                      logits_processor=LogitsProcessorList([Stamp(stamps)]), pad_token_id=0)
             return out[:, len(prompts[0]):].tolist()
+
+        def mixed(prompts, new_tokens):     # static batching: max_batch requests at a time, left-padded, each
+            outputs = []                    # batch runs to its longest request, then the next batch starts
+            for i in range(0, len(prompts), max_batch):
+                ps, ns = prompts[i:i + max_batch], new_tokens[i:i + max_batch]
+                width = max(map(len, ps))
+                ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in ps])
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+                with torch.no_grad():
+                    out = model.generate(ids, attention_mask=mask, max_new_tokens=max(ns), do_sample=False,
+                                         pad_token_id=0)
+                outputs += [row[width:width + n] for row, n in zip(out.tolist(), ns)]
+            return outputs
+        if stack == "hf":
+            _EXTRA["mixed"] = mixed
         return generate
     if stack == "onnx":
         import numpy as np
@@ -226,6 +437,40 @@ def _load(stack, model_dir, threads):
                                          include_prompt_in_result=False, callback=stamp)
             return [r.sequences_ids[0] for r in results]
         return generate
+    if stack == "vllm":          # in vLLM's own environment: nothing imported from ours (no torch threads set here)
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        _imported()
+        folder, factor = vllm_model_dir(model_dir, CPUAttentionBackend.get_supported_head_sizes())
+        _EXTRA["head_dim_factor"] = factor
+        llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
+                  max_num_seqs=max_batch, enable_prefix_caching=False, skip_tokenizer_init=True, seed=0)
+        engine, counter = llm.llm_engine, iter(range(10**9))
+
+        def run(prompts, new_tokens, stamps):
+            """All requests queued at once; vLLM's scheduler batches them (continuous batching, paged KV)."""
+            rids = []
+            for p, n in zip(prompts, new_tokens):
+                rids.append(str(next(counter)))
+                engine.add_request(rids[-1], TokensPrompt(prompt_token_ids=list(p)),
+                                   SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+            out, seen = {}, 0
+            while engine.has_unfinished_requests():
+                for r in engine.step():
+                    if r.request_id == rids[0]:                  # a clock read per token of the first request
+                        n_now = len(r.outputs[0].token_ids)
+                        stamps.extend([time.perf_counter()] * (n_now - seen))
+                        seen = n_now
+                    if r.finished:
+                        out[r.request_id] = list(r.outputs[0].token_ids)
+            return [out[rid] for rid in rids]
+
+        def generate(prompts, max_new, stamps):
+            return run(prompts, [max_new] * len(prompts), stamps)
+        _EXTRA["mixed"] = lambda prompts, new_tokens: run(prompts, new_tokens, [])
+        return generate
     raise ValueError(f"unknown stack {stack!r}")
 
 
@@ -265,7 +510,23 @@ def _convert_ct2(model_dir: str) -> None:
         (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def _serve(model_dir: str, port: str, max_seqs: str) -> None:
+    """In vLLM's environment: the OpenAI-compatible server on 127.0.0.1:port for the (padded, if needed) model."""
+    import runpy
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    folder, _ = vllm_model_dir(model_dir, CPUAttentionBackend.get_supported_head_sizes())
+    sys.argv = ["api_server", "--model", str(folder), "--served-model-name", "model", "--dtype", "float32",
+                "--enforce-eager", "--host", "127.0.0.1", "--port", port, "--max-num-seqs", max_seqs,
+                "--no-enable-prefix-caching", "--disable-log-stats", "--seed", "0"]
+    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+
+
 def main(argv: list[str]) -> None:
+    if argv[0] == "vllm-serve":
+        _serve(*argv[1:])
+        return
     if argv[0] in ("export-onnx", "convert-ct2"):
         t0 = time.perf_counter()
         (_export_onnx if argv[0] == "export-onnx" else _convert_ct2)(argv[1])
@@ -275,7 +536,7 @@ def main(argv: list[str]) -> None:
     args = json.loads(Path(args_file).read_text())
     prompts, max_new, threads, repeats = args["prompts"], args["max_new"], args["threads"], args["repeats"]
     t0 = time.perf_counter()
-    generate = _load(stack, model_dir, threads)
+    generate = _load(stack, model_dir, threads, args.get("max_batch", 8))
     load_s = time.perf_counter() - t0
     import_s = _IMPORTED - t0                                      # of which: importing the libraries
     generate(prompts[:1], 2, [])                                   # warm-up
@@ -293,8 +554,16 @@ def main(argv: list[str]) -> None:
         t0 = time.perf_counter()
         tokens_b8 = generate(prompts, max_new, [])
         b8.append(len(prompts) * max_new / (time.perf_counter() - t0))
+    mixed = {}
+    if args.get("mixed"):
+        m_prompts, m_new = args["mixed"]
+        t0 = time.perf_counter()
+        m_tokens = _EXTRA["mixed"](m_prompts, m_new)
+        seconds = time.perf_counter() - t0
+        mixed = {"mixed_s": seconds, "mixed_req_per_s": len(m_prompts) / seconds,
+                 "mixed_tok_per_s": sum(m_new) / seconds, "mixed_tokens": m_tokens}
     Path(out_file).write_text(json.dumps({
-        "stack": stack, "load_s": load_s, "ttft_s": ttft, "itl_s": itl, "tok_per_s_b1": b1, "tok_per_s_b8": b8,
+        **mixed, "head_dim_factor": _EXTRA.get("head_dim_factor", 1), "stack": stack, "load_s": load_s, "ttft_s": ttft, "itl_s": itl, "tok_per_s_b1": b1, "tok_per_s_b8": b8,
         "tokens_b1": tokens_b1, "tokens_b8": tokens_b8, "threads": threads,
         "import_s": import_s, "peak_rss_bytes": _peak_rss()}))
 

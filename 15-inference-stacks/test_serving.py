@@ -4,6 +4,8 @@ References: the shared GPT's own forward (logits, atol 1e-5), `Attention.project
 time greedy decoding with `shared.model.decode` (token ids, exact). The test model is a small random GPT with a
 large init so that its greedy choices are decisive (no near-ties that float rounding of a batched matmul could flip).
 """
+import json
+
 import pytest
 import torch
 
@@ -175,9 +177,63 @@ def test_harness_arguments_and_skips(tmp_path):
         stack_bench.run_stack("hf", tmp_path, [[1, 2], [3]], 4)
     with pytest.raises(ValueError, match="max_new must be an int >= 1"):
         stack_bench.run_stack("hf", tmp_path, [[1, 2]], 0)
+    with pytest.raises(ValueError, match="only the stacks"):
+        stack_bench.run_stack("onnx", tmp_path, [[1, 2]], 4, mixed=([[1]], [2]))
+    with pytest.raises(ValueError, match="mixed must be"):
+        stack_bench.run_stack("hf", tmp_path, [[1, 2]], 4, mixed=([[1], []], [2, 3]))
     skipped = stack_bench.skipped_stacks()
     assert skipped and all(isinstance(r, str) and r for r in skipped.values())
-    assert not set(skipped) & set(stack_bench.STACKS)
+    assert set(skipped) & set(stack_bench.STACKS) <= {"vllm"}       # vllm: only when its environment is missing
+
+
+def test_vllm_skipped_with_reason_without_its_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMP_VLLM_VENV", str(tmp_path / "nowhere"))
+    assert stack_bench.vllm_python() is None
+    assert "vllm_env.sh" in stack_bench.skipped_stacks()["vllm"]
+    with pytest.raises(FileNotFoundError, match="vllm_env.sh"):
+        stack_bench.run_stack("vllm", tmp_path / "hf", [[1, 2]], 4)
+
+
+def tiny_llama(path, head_dim=8, seed=0):
+    """A small random 🤗 Llama folder (GQA, RoPE, tied embeddings) with decisive logits (large init)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=61, hidden_size=4 * head_dim, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=64,
+                      tie_word_embeddings=True, initializer_range=0.3, eos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("factor", [4, 2])
+def test_pad_head_dim_is_exact(tmp_path, factor):
+    """The padded folder computes the same function: logits vs the original (atol 1e-5), greedy tokens equal."""
+    from transformers import LlamaForCausalLM
+
+    original = tiny_llama(tmp_path / "orig", head_dim=10)
+    out = stack_bench.pad_head_dim(tmp_path / "orig", tmp_path / "pad", factor)
+    padded = LlamaForCausalLM.from_pretrained(out).eval()
+    assert padded.config.head_dim == 10 * factor
+    assert padded.model.layers[0].self_attn.q_proj.weight.shape == (4 * 10 * factor, 40)
+    ids = torch.randint(0, 61, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = original(ids).logits, padded(ids).logits
+        assert (a - b).abs().max() < 1e-5
+        kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(original.generate(ids[:, :5], **kw), padded.generate(ids[:, :5], **kw))
+
+
+def test_vllm_model_dir_picks_a_power_of_four(tmp_path):
+    tiny_llama(tmp_path / "m", head_dim=10)
+    folder, factor = stack_bench.vllm_model_dir(tmp_path / "m", [32, 40, 64])
+    assert factor == 4 and folder.name == "m-vllm" and json.loads((folder / "config.json").read_text())["head_dim"] == 40
+    assert stack_bench.vllm_model_dir(tmp_path / "m", [10, 32]) == (tmp_path / "m", 1)
+    with pytest.raises(ValueError, match="no power-of-4 multiple"):
+        stack_bench.vllm_model_dir(tmp_path / "m", [32, 64])
+    with pytest.raises(ValueError, match="factor must be an int >= 1"):
+        stack_bench.pad_head_dim(tmp_path / "m", tmp_path / "x", 0)
 
 
 # ---------------------------------------------------------------------------------------------- prefix caching
