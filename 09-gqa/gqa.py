@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shared.model import GPT, GPTConfig, apply_rope, rope_table
+from shared.model import GPT, Attention, GPTConfig, apply_rope, rope_table
 
 KERNELS = ("grouped", "repeat", "sdpa")
 
@@ -144,41 +144,31 @@ def cache_bytes(caches: Sequence[dict], allocated: bool = False) -> int:
 
 # ----------------------------------------------------------------------------------------------------------
 # Modules that plug into shared.model.GPT
-class GroupedAttention(nn.Module):
+class GroupedAttention(Attention):
     """Causal grouped-query attention written out: x (B, T, C) -> (B, T, C), RoPE on q and k.
 
     `kernel`: "grouped" (einsum, no repeat), "repeat" (copy K/V heads G times) or "sdpa" (PyTorch, enable_gqa).
-    Parameter names equal shared's `Attention` (q_proj, k_proj, v_proj, o_proj) so state dicts are interchangeable.
+    A subclass of shared's `Attention`: the same parameters (q_proj, k_proj, v_proj, o_proj, so state dicts are
+    interchangeable) and the same q/k/v projection (`project`); what differs, and what this folder teaches, is how
+    the H query heads meet the K key/value heads (`_ATTEND[kernel]`) and the preallocated cache.
     `cache`: a per-layer dict; the module keeps preallocated buffers "k", "v" (B, K, capacity, D) and "length".
     """
 
     def __init__(self, cfg: GPTConfig, layer_idx: int = 0, kernel: str = "grouped"):
-        super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         if cfg.pos not in ("rope", "none"):
             raise ValueError(f"GroupedAttention supports pos='rope' or 'none', got {cfg.pos!r}")
-        self.cfg, self.layer_idx, self.kernel = cfg, layer_idx, kernel
-        H, K, D, C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_model
-        self.q_proj = nn.Linear(C, H * D, bias=False)
-        self.k_proj = nn.Linear(C, K * D, bias=False)
-        self.v_proj = nn.Linear(C, K * D, bias=False)
-        self.o_proj = nn.Linear(H * D, C, bias=False)
+        super().__init__(cfg, layer_idx)
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: dict | None = None) -> torch.Tensor:
-        cfg = self.cfg
-        B, T, C = x.shape
-        H, K, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)              # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)              # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)              # (B, K, T, D)
-        if cfg.pos == "rope":
-            cos, sin = rope_table(start_pos, T, D, cfg.rope_theta, x.device, q.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        B, T, _ = x.shape
+        q, k, v = self.project(x, start_pos)                             # (B, H, T, D), (B, K, T, D) x 2
         if cache is not None:
             k, v = _append(cache, ("k", "v"), (k, v), start_pos)        # (B, K, S, D): past + new
-        y = _ATTEND[self.kernel](q, k, v, causal=cfg.causal)              # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        y = _ATTEND[self.kernel](q, k, v, causal=self.cfg.causal)         # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def fill_cache(self, cache: dict, batch_size: int, length: int, generator: torch.Generator | None = None):
         """Put `length` random tokens' keys/values in `cache` (for timing a decode step at a long context)."""
