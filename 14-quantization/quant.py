@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 __all__ = ["QuantTensor", "quantize", "pack_bits", "unpack_bits", "QuantLinear", "GGUFTensor", "gguf_quantize",
            "gguf_dequantize", "GGUF_BLOCK_BYTES", "FloatTensor", "quantize_model", "token_nlls", "quant_error",
-           "write_gguf"]
+           "write_gguf", "fake_quant", "FakeQuantModel", "linear_inputs", "awq_search", "awq_quantize",
+           "gptq_quantize", "AWQResult"]
 
 GGUF_BLOCK = 32
 GGUF_BLOCK_BYTES = {"Q8_0": 2 + 32, "Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16}
@@ -461,19 +462,31 @@ def ort_logits(session, input_name: str = "input_ids"):
     return lambda idx: torch.from_numpy(session.run(None, {input_name: idx.numpy().astype(np.int64)})[0])
 
 
+def _plain_tensors(t: torch.Tensor):
+    """The plain tensors that hold a tensor's data: itself, or the inner tensors of a tensor subclass that
+    stores quantised data (torchao's `qdata`, `scale`, `zero_point`, via `__tensor_flatten__`)."""
+    if type(t) is not torch.Tensor and type(t) is not nn.Parameter and hasattr(t, "__tensor_flatten__"):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _plain_tensors(getattr(t, name))
+    else:
+        yield t
+
+
 def stored_bytes(module: nn.Module) -> int:
     """Bytes of a module's state_dict (parameters, buffers and any quantisation state saved with it), every
-    storage counted once (tied weights are not double-counted)."""
+    storage counted once (tied weights are not double-counted); a tensor subclass (torchao) counts the plain
+    tensors it is made of."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     seen, total = set(), 0
-    for t in module.state_dict().values():
-        if not torch.is_tensor(t):
+    for v in module.state_dict().values():
+        if not torch.is_tensor(v):
             continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
+        for t in _plain_tensors(v):
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
     return total
 
 
@@ -518,3 +531,166 @@ def input_channel_absmax(model: nn.Module, idx: torch.Tensor) -> dict[str, torch
         for h in handles:
             h.remove()
     return seen
+
+
+# ---------------------------------------------------------------------------------------------- QAT
+class _FakeQuantSTE(torch.autograd.Function):
+    """Forward: the dequantised weight. Backward: the straight-through estimator, d w'/d w = 1 where w lies inside
+    the quantiser's range (|w| <= (qmax + 1/2) s: the clamp does not bind) and 0 where it was clipped (round()
+    itself has zero gradient almost everywhere: the STE pretends it is the identity)."""
+
+    @staticmethod
+    def forward(ctx, w, deq, inside):
+        ctx.save_for_backward(inside)
+        return deq
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
+
+
+def fake_quant(w: torch.Tensor, bits: int = 4, granularity="channel", clip: float = 1.0) -> torch.Tensor:
+    """Quantise-dequantise `w` (R, C) symmetrically, differentiable by the straight-through estimator.
+
+    The scale is `clip` * absmax / qmax per group, stored in float16 as `quantize` does; with clip = 1 the value
+    equals `quantize(w, bits, granularity).dequantize()` and every weight is inside the range (gradient = identity).
+    clip < 1 clips the largest weights to +-qmax s (those beyond (qmax + 1/2) s), and they get zero gradient.
+    Returns float32 (R, C).
+    """
+    _check_weight(w)
+    _check_scheme(bits, granularity)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip <= 1:
+        raise ValueError(f"clip must be a number in (0, 1], got {clip!r}")
+    R, C = w.shape
+    qmax = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        x = _groups(w.detach(), granularity)                                    # (R', G, g)
+        scale = (clip * x.abs().amax(dim=-1, keepdim=True) / qmax).half()
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+        deq = torch.round(x * (1 / scale)).clamp(-qmax, qmax) * scale
+        inside = (x.abs() * (1 / scale) <= qmax + 0.5).float()                  # where the clamp does not bind
+        deq, inside = (t.reshape(R, -1)[:, :C] for t in (deq, inside))          # drop a partial group's padding
+    return _FakeQuantSTE.apply(w.float(), deq, inside)
+
+
+class FakeQuantModel(nn.Module):
+    """Quantisation-aware training wrapper: `forward` runs `model` with every 2-D weight replaced by
+    `fake_quant(w, bits, granularity)` (a tied weight once, `torch.func.functional_call`); the float weights stay
+    the trained parameters, so an optimiser over `self.parameters()` updates them through the STE."""
+
+    def __init__(self, model: nn.Module, bits: int = 4, granularity="channel"):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        _check_scheme(bits, granularity)
+        self.model, self.bits, self.granularity = model, bits, granularity
+
+    def forward(self, *args, **kwargs):
+        params = {n: fake_quant(p, self.bits, self.granularity) if p.dim() == 2 else p
+                  for n, p in self.model.named_parameters()}
+        return torch.func.functional_call(self.model, params, args, kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- AWQ / GPTQ
+def linear_inputs(model: nn.Module, idx: torch.Tensor, names=None) -> dict[str, torch.Tensor]:
+    """The inputs of every nn.Linear (or of those in `names`) of `model` on the tokens `idx` (B, T):
+    {module name: (B*T, in_features) float32}: calibration activations for AWQ and GPTQ."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
+        raise TypeError("idx must be a (B, T) tensor of token ids (torch.long)")
+    seen: dict[str, torch.Tensor] = {}
+    todo = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and (names is None or n in names)]
+    if not todo:
+        raise ValueError("model has no nn.Linear layer to observe (check names)")
+
+    def hook(name):
+        def record(module, inputs, output):
+            seen[name] = inputs[0].detach().float().flatten(0, -2)
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in todo]
+    try:
+        with torch.no_grad():
+            model(idx)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _check_calibration(w, x) -> None:
+    _check_weight(w)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != w.shape[1] or x.shape[0] == 0:
+        raise ValueError(f"x must be (N, C={w.shape[1]}) calibration inputs, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+
+
+def awq_quantize(w: torch.Tensor, s: torch.Tensor, quantizer) -> torch.Tensor:
+    """W' = Q(W diag(s)) diag(s)^-1: scale input channel c of W up by s_c before quantising and divide it back
+    after (at inference the 1/s folds into the op that produces x: a norm gain or the previous projection).
+    A channel with s_c > 1 gets a relatively finer grid. w (R, C), s (C,) > 0 -> float32 (R, C)."""
+    _check_weight(w)
+    if not isinstance(s, torch.Tensor) or s.shape != (w.shape[1],) or not bool((s > 0).all()):
+        raise ValueError(f"s must be a positive ({w.shape[1]},) tensor of per-input-channel scales")
+    return quantizer(w.float() * s).dequantize() / s
+
+
+@dataclass
+class AWQResult:
+    alpha: float                 # the chosen exponent
+    scale: torch.Tensor          # (C,) per-input-channel scales s = a^alpha (normalised)
+    errors: list[float]          # mean squared output error ||x W^T - x W'^T||^2 / N for each alpha of the grid
+    alphas: list[float]
+
+
+def awq_search(w: torch.Tensor, x: torch.Tensor, quantizer, alphas=tuple(i / 10 for i in range(11))) -> AWQResult:
+    """AWQ's scale search (Lin et al. 2023) for one linear layer: s = a^alpha with a_c = mean |x_c| over the
+    calibration tokens (the channel's typical input magnitude: large = salient), normalised so that
+    sqrt(max s * min s) = 1 (as AutoAWQ does); pick the alpha of the grid whose quantised layer best reproduces
+    the float layer's output on x. alpha = 0 is plain round-to-nearest (s = 1).
+    w (R, C), x (N, C) calibration inputs, quantizer(w) -> object with dequantize()."""
+    _check_calibration(w, x)
+    if not alphas or any(not 0 <= a <= 1 for a in alphas):
+        raise ValueError(f"alphas must be a non-empty grid of values in [0, 1], got {alphas!r}")
+    w, x = w.float(), x.float()
+    a = x.abs().mean(dim=0).clamp_min(1e-8)                                    # (C,)
+    ref = x @ w.T                                                              # (N, R)
+    best, errors = None, []
+    for alpha in alphas:
+        s = a ** alpha
+        s = s / (s.max() * s.min()).sqrt()
+        err = float(((x @ awq_quantize(w, s, quantizer).T - ref) ** 2).sum(dim=1).mean())
+        errors.append(err)
+        if best is None or err < best[1]:
+            best = (alpha, err, s)
+    return AWQResult(best[0], best[2], errors, list(alphas))
+
+
+def gptq_quantize(w: torch.Tensor, x: torch.Tensor, bits: int = 4, group: int = 128,
+                  damp: float = 0.01) -> torch.Tensor:
+    """GPTQ (Frantar et al. 2022) for one linear layer, symmetric `bits` with one float16 scale per `group` input
+    columns (the scales of a group are set from the error-updated weights when the pass reaches it).
+    Columns are quantised left to right; each one's rounding error is spread over the columns not yet quantised,
+    weighted by the inverse Hessian H = X^T X (+ damp * mean diag), so that x W'^T stays close to x W^T.
+    With H = I nothing is spread and it is round-to-nearest. w (R, C), x (N, C) -> dequantised float32 (R, C)."""
+    _check_calibration(w, x)
+    _check_scheme(bits, group)
+    if isinstance(group, str):
+        raise ValueError(f"group must be an int group size, got {group!r}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or damp < 0:
+        raise ValueError(f"damp must be a number >= 0, got {damp!r}")
+    W = w.detach().float().clone()
+    R, C = W.shape
+    H = x.double().T @ x.double()                                              # (C, C)
+    H += damp * H.diagonal().mean() * torch.eye(C, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # Hinv = U^T U
+    qmax, out = 2 ** (bits - 1) - 1, torch.zeros_like(W)
+    for i in range(C):
+        if i % group == 0:
+            scale = (W[:, i:i + group].abs().amax(dim=1) / qmax).half().float()   # (R,) fp16 scales
+            scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.round(W[:, i] * (1 / scale)).clamp(-qmax, qmax) * scale
+        out[:, i] = q
+        err = (W[:, i] - q) / U[i, i]
+        W[:, i + 1:] -= err[:, None] * U[i, i + 1:][None, :]
+    return out

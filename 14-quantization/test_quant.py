@@ -294,3 +294,116 @@ def test_input_channel_absmax_sees_every_linear_input():
         quant.input_channel_absmax(net, idx.float())
     with pytest.raises(ValueError, match="no nn.Linear"):
         quant.input_channel_absmax(torch.nn.Embedding(10, 6), idx)
+
+
+# ---------------------------------------------------------------------------------------------- QAT: fake quant + STE
+@pytest.mark.parametrize("granularity", ["tensor", "channel", 32, 24])
+def test_fake_quant_value_equals_quantize_and_ste_is_identity(granularity):
+    w = rand(6, 40, seed=3).requires_grad_()
+    out = quant.fake_quant(w, 4, granularity)
+    torch.testing.assert_close(out.detach(), quant.quantize(w.detach(), 4, granularity).dequantize(), atol=0, rtol=0)
+    out.backward(torch.arange(240.).view(6, 40))
+    torch.testing.assert_close(w.grad, torch.arange(240.).view(6, 40))          # clip = 1: nothing clipped
+
+
+def test_fake_quant_clipped_range_by_hand():
+    w = torch.tensor([[1.0, -0.2, 0.45, -0.8]], requires_grad=True)
+    out = quant.fake_quant(w, 4, "tensor", clip=0.5)                            # s = fp16(0.5 / 7), range +-7 s
+    s = float(torch.tensor(0.5 / 7).half())
+    torch.testing.assert_close(out.detach(), torch.tensor([[7 * s, -3 * s, 6 * s, -7 * s]]), atol=0, rtol=0)
+    out.sum().backward()
+    assert w.grad.tolist() == [[0.0, 1.0, 1.0, 0.0]]                            # zero gradient where clipped
+    with pytest.raises(ValueError, match="clip"):
+        quant.fake_quant(w, 4, "tensor", clip=0)
+    with pytest.raises(ValueError, match="bits"):
+        quant.fake_quant(w, 3, "tensor")
+
+
+def test_fake_quant_model_forward_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_kv_head=1, d_model=16))
+    idx = torch.randint(0, 32, (2, 8))
+    qat = quant.FakeQuantModel(model, 4, "tensor")
+    fake, _ = quant.quantize_model(model, lambda w: quant.quantize(w, 4, "tensor"))
+    logits, loss = qat(idx, idx)
+    torch.testing.assert_close(logits, fake(idx)[0], atol=1e-6, rtol=0)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert model.tok_emb.weight is model.lm_head.weight                         # the tie survives
+    assert sum(1 for _ in qat.parameters()) == sum(1 for _ in model.parameters())
+    with pytest.raises(TypeError):
+        quant.FakeQuantModel(3)
+
+
+# ---------------------------------------------------------------------------------------------- AWQ / GPTQ
+def test_linear_inputs_are_the_inputs():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(10, 6), torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    idx = torch.randint(0, 10, (2, 5))
+    xs = quant.linear_inputs(net, idx)
+    with torch.no_grad():
+        torch.testing.assert_close(xs["1"], net[0](idx).flatten(0, 1))
+    assert xs["3"].shape == (10, 4) and list(quant.linear_inputs(net, idx, names=["3"])) == ["3"]
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        quant.linear_inputs(net, idx, names=["x"])
+
+
+def test_awq_alpha_zero_is_rtn_and_search_protects_a_salient_channel():
+    w = rand(16, 64, seed=1)
+    x = rand(256, 64, seed=2)
+    x[:, 5] *= 30.0                                                             # one salient input channel
+    rtn = lambda m: quant.quantize(m, 4, 64)
+    torch.testing.assert_close(quant.awq_quantize(w, torch.ones(64), rtn), rtn(w).dequantize(), atol=0, rtol=0)
+    r = quant.awq_search(w, x, rtn)
+    assert len(r.errors) == len(r.alphas) == 11 and r.alpha > 0 and min(r.errors) < 0.8 * r.errors[0]
+    assert r.scale.shape == (64,) and int(r.scale.argmax()) == 5
+    with pytest.raises(ValueError, match="calibration"):
+        quant.awq_search(w, x[:, :10], rtn)
+    with pytest.raises(ValueError, match="s must be"):
+        quant.awq_quantize(w, -torch.ones(64), rtn)
+
+
+def _gptq_by_least_squares(w, x, bits, group):
+    """GPTQ's definition: quantise column i, then refit the columns not yet quantised by least squares so that
+    x W'^T matches x W^T given the fixed ones (what GPTQ's inverse-Hessian update computes in closed form)."""
+    w, x = w.double(), x.double()
+    qmax, (R, C) = 2 ** (bits - 1) - 1, w.shape
+    target, out, cur = x @ w.T, torch.zeros_like(w), w.clone()
+    for i in range(C):
+        resid = target - x[:, :i] @ out[:, :i].T
+        cur[:, i:] = torch.linalg.lstsq(x[:, i:], resid).solution.T
+        if i % group == 0:
+            scale = (cur[:, i:i + group].abs().amax(dim=1).float() / qmax).half().double()
+        out[:, i] = torch.round(cur[:, i] / scale).clamp(-qmax, qmax) * scale
+    return out.float()
+
+
+def test_gptq_equals_sequential_least_squares_and_identity_hessian_is_rtn():
+    w = rand(5, 12, seed=4)
+    x = rand(200, 12, seed=5) @ (torch.eye(12) + 0.5 * rand(12, 12, seed=6))    # correlated inputs
+    torch.testing.assert_close(quant.gptq_quantize(w, x, 4, 4, damp=0.0), _gptq_by_least_squares(w, x, 4, 4),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(quant.gptq_quantize(w, torch.eye(12), 4, 4), quant.quantize(w, 4, 4).dequantize(),
+                               atol=0, rtol=0)
+    err = lambda wq: float(((x @ (wq - w).T) ** 2).sum())
+    assert err(quant.gptq_quantize(w, x, 4, 4)) < err(quant.quantize(w, 4, 4).dequantize())
+    with pytest.raises(ValueError, match="damp"):
+        quant.gptq_quantize(w, x, 4, 4, damp=-1)
+    with pytest.raises(ValueError, match="group"):
+        quant.gptq_quantize(w, x, 4, "channel")
+
+
+def test_stored_bytes_counts_torchao_subclass_parts():
+    pytest.importorskip("torchao")
+    import contextlib
+    import io
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    quantize_(net, Int8WeightOnlyConfig())
+    w = net[0].weight
+    parts = [getattr(w, n) for n in w.__tensor_flatten__()[0]]
+    assert any(p.dtype == torch.int8 and p.shape == (32, 64) for p in parts)
+    assert quant.stored_bytes(net) == sum(p.numel() * p.element_size() for p in parts) < 32 * 64 * 4
