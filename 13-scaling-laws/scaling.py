@@ -283,13 +283,15 @@ class WSDRun:
 
 def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, seq_len: int, lr: float,
               warmup: int | None = None, cooldown: float = 0.2, weight_decay: float = 0.1,
-              grad_clip: float | None = 1.0, seed: int = 0, betas=(0.9, 0.95)) -> WSDRun:
+              grad_clip: float | None = 1.0, seed: int = 0, betas=(0.9, 0.95),
+              mid_run: bool = True) -> WSDRun:
     """Train `model` in place for max(ends) steps with a WSD schedule; branch a cooldown for every shorter end.
 
     Each branch starts from a copy of the model, the AdamW state and the batch generator at step
     S - round(cooldown·S) and decays to step S: it is, step for step, the run a fresh WSD training of S steps
     would do (same batches, same rates), at the cost of its decay steps only. `evaluate(model) -> float` is
-    called on every branch's end (cooled) and on the main run as it passes each shorter end (uncooled).
+    called on every branch's end (cooled) and, if `mid_run`, on the main run as it passes each shorter end
+    (uncooled; `mid_run=False` skips those evaluations, which change nothing else).
     Batches: random windows (B, seq_len) of `tokens` from a generator seeded with `seed`, as `shared.train` draws
     them; AdamW with decay on matrices only (`shared.train.make_optimizer`).
     """
@@ -304,6 +306,8 @@ def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, s
     ends = sorted({check_int("each of ends", e, 1) for e in ends})
     if not ends:
         raise ValueError("ends must hold at least one step count")
+    if not isinstance(mid_run, bool):
+        raise TypeError(f"mid_run must be a bool, got {type(mid_run).__name__}")
     if not 0 < cooldown < 1:
         raise ValueError(f"cooldown must be a fraction in (0, 1), got {cooldown}")
     last = ends[-1]
@@ -343,7 +347,7 @@ def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, s
             seconds += time.perf_counter() - t0
             run.cooled[end] = float(evaluate(m2))
             model.train()
-        if step in ends and step < last - max(1, round(cooldown * last)) + 1:
+        if mid_run and step in ends and step < last - max(1, round(cooldown * last)) + 1:
             run.uncooled[step] = float(evaluate(model))    # main run at step S, still at the constant rate
             model.train()
         t0 = time.perf_counter()
@@ -445,6 +449,30 @@ def fit_isoflop(n, loss) -> IsoFLOPFit:
         raise ValueError("need >= 3 distinct sizes N > 0, one loss each")
     a, b, c = np.polyfit(np.log(n), loss, 2)
     return IsoFLOPFit(float(a), float(b), float(c))
+
+
+def isoflop_minimum(n, loss, half_width: int = 2) -> dict:
+    """The minimum of one IsoFLOP slice, fitted locally (Chinchilla approach 2 near its optimum).
+
+    n, loss: the slice's sizes (increasing) and losses. The best sampled size must have a sampled size on each
+    side (`bracketed`); the parabola in log N is then fitted by least squares to it and up to `half_width`
+    neighbours on each side (a slice spanning decades of N is not one parabola: its far, under-trained points
+    would set the vertex). `interior` is True if the parabola opens upward and its vertex lies strictly inside
+    the window's sizes. Returns {best, bracketed, window (i0, i1), fit (None unless bracketed), n_opt, interior}.
+    """
+    check_int("half_width", half_width, 1)
+    n, loss = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
+    if n.ndim != 1 or n.shape != loss.shape or len(n) < 3 or np.any(np.diff(n) <= 0) or np.any(n <= 0):
+        raise ValueError(f"n must be >= 3 increasing sizes > 0 with one loss each, got n={n.tolist()}")
+    best = int(np.argmin(loss))
+    out = dict(best=best, bracketed=0 < best < len(n) - 1, window=None, fit=None, n_opt=float("nan"),
+               interior=False)
+    if out["bracketed"]:
+        i0, i1 = max(0, best - half_width), min(len(n), best + half_width + 1)
+        fit = fit_isoflop(n[i0:i1], loss[i0:i1])
+        out.update(window=(i0, i1 - 1), fit=fit, n_opt=fit.n_opt,
+                   interior=bool(fit.a > 0 and n[i0] < fit.n_opt < n[i1 - 1]))
+    return out
 
 
 def measure_training_peaks(widths, vocab_size: int, seq_len: int, batch_size: int, n_layer: int = 1) -> dict:

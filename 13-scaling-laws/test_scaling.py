@@ -196,6 +196,10 @@ def test_wsd_branch_equals_fresh_run():
     assert long.cooled[10] == short.cooled[10]                 # exact: same batches, same rates, same state
     assert set(long.uncooled) == {10} and long.uncooled[10] != long.cooled[10]
     assert len(long.train_loss) == 20
+    torch.manual_seed(0)                                       # mid_run=False: no uncooled points, same run
+    quiet = scaling.train_wsd(GPT(cfg), tokens, ev, ends=(10, 20), batch_size=4, seq_len=16, lr=1e-2, warmup=2,
+                              mid_run=False)
+    assert quiet.uncooled == {} and quiet.cooled == long.cooled
 
 
 def test_wsd_bad_arguments():
@@ -209,6 +213,8 @@ def test_wsd_bad_arguments():
         scaling.train_wsd(model, tokens, lambda m: 0.0, ends=(10,), batch_size=4, seq_len=16, lr=1e-2, cooldown=1.5)
     with pytest.raises(TypeError, match="ends"):
         scaling.train_wsd(model, tokens, lambda m: 0.0, ends=(10.5,), batch_size=4, seq_len=16, lr=1e-2)
+    with pytest.raises(TypeError, match="mid_run"):
+        scaling.train_wsd(model, tokens, lambda m: 0.0, ends=(10,), batch_size=4, seq_len=16, lr=1e-2, mid_run=1)
 
 
 @pytest.mark.parametrize("width,n_layer,n_head", [(16, 1, 1), (48, 2, 3), (32, 3, 2)])
@@ -249,3 +255,20 @@ def test_fit_isoflop_finds_the_minimum():
     assert np.isnan(scaling.fit_isoflop(n, -loss).n_opt)      # opens downward: no minimum
     with pytest.raises(ValueError, match="3 distinct"):
         scaling.fit_isoflop([1, 1, 2], [1, 2, 3])
+
+
+def test_isoflop_minimum_fits_locally_and_reports_edges():
+    n = np.geomspace(1e3, 1e5, 9)
+    x = np.log(n) - np.log(7e3)
+    loss = 0.05 * x ** 2 + 1.0 + 0.2 * np.maximum(x - 1, 0) ** 3      # a parabola near 7e3, far from it off the mark
+    m = scaling.isoflop_minimum(n, loss, half_width=1)
+    assert m["bracketed"] and m["interior"] and m["window"] == (m["best"] - 1, m["best"] + 1)
+    assert m["n_opt"] == pytest.approx(7e3, rel=0.1)
+    whole = scaling.fit_isoflop(n, loss)                             # the far points drag a global parabola
+    assert abs(np.log(whole.n_opt / 7e3)) > abs(np.log(m["n_opt"] / 7e3))
+    edge = scaling.isoflop_minimum(n[4:], loss[4:])                  # best size at the slice's edge: no minimum
+    assert not edge["bracketed"] and edge["fit"] is None and np.isnan(edge["n_opt"]) and not edge["interior"]
+    with pytest.raises(ValueError, match="increasing"):
+        scaling.isoflop_minimum([3, 2, 1], [1, 0, 1])
+    with pytest.raises(ValueError, match="half_width"):
+        scaling.isoflop_minimum(n, loss, half_width=0)

@@ -81,3 +81,11 @@ def test_main_trains_in_one_plain_process_without_a_launcher(monkeypatch):
     result = train_ddp.main(["--steps", "2", "--global-batch", "3", "--seq-len", "8", "--d-model", "16",
                              "--n-layer", "1", "--n-head", "2", "--n-stories", "20"])
     assert result["world_size"] == 1 and result["local_batch"] == 3 and len(result["losses"]) == 2
+
+
+def test_backend_is_nccl_with_cuda_and_gloo_without():
+    # the selection only: the NCCL path itself needs a GPU and is not run on these CPU-only machines
+    assert train_ddp.backend(True) == "nccl"
+    assert train_ddp.backend(False) == "gloo"
+    with pytest.raises(TypeError, match="cuda"):
+        train_ddp.backend("yes")

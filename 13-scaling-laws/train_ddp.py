@@ -50,6 +50,14 @@ def parse_args(argv=None):
     return args
 
 
+def backend(cuda: bool) -> str:
+    """The torch.distributed backend: NCCL when CUDA is present (GPU-to-GPU collectives over NVLink/InfiniBand),
+    gloo on CPU. The NCCL path needs a GPU; it was not run on the CPU-only machines this folder was built on."""
+    if not isinstance(cuda, bool):
+        raise TypeError(f"cuda must be a bool (torch.cuda.is_available()), got {type(cuda).__name__}")
+    return "nccl" if cuda else "gloo"
+
+
 def story_bytes(n_stories: int, seed: int = 0):
     """1-D long tensor of the UTF-8 bytes of n_stories stories, each followed by a newline (vocabulary 256)."""
     import torch
@@ -72,7 +80,7 @@ def main(argv=None) -> dict:
     distributed = "RANK" in os.environ
     use_cuda = torch.cuda.is_available()
     if distributed and args.engine == "ddp":
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend(use_cuda))
     elif args.engine == "deepspeed":
         import deepspeed
         if not args.ds_shm:      # skip the JIT build (30-65 s) of DeepSpeed's shared-memory all-reduce: gloo does it
@@ -80,7 +88,7 @@ def main(argv=None) -> dict:
         if not distributed:                                   # a lone DeepSpeed process still wants these
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        deepspeed.init_distributed(dist_backend=backend(use_cuda))
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if args.global_batch % world:
@@ -106,7 +114,8 @@ def main(argv=None) -> dict:
         opt = make_optimizer(model, args.lr, weight_decay=0.1, betas=(0.9, 0.95))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     else:
-        engine = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        engine = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
+                  if world > 1 else model)
         opt = make_optimizer(model, args.lr, weight_decay=0.1, betas=(0.9, 0.95))
 
     g = torch.Generator().manual_seed(args.seed)              # identical stream of global batches on every rank
