@@ -20,7 +20,9 @@ from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls 
 __all__ = ["TASKS", "ROLE_TOKENS", "CHAT_TEMPLATE", "fact_sentence", "qa_examples", "add_chat_tokens", "collate",
            "completion_loss", "finetune", "generate_answers", "grade", "exact_match", "category_prior_answers", "prior_answer_loss",
            "LoRALinear", "trainable_parameters", "adamw_state_bytes", "wilson", "sequence_logprobs",
-           "bradley_terry_loss", "dpo_loss", "true_preference"]
+           "bradley_terry_loss", "dpo_loss", "true_preference",
+           "masked_mean", "gae", "kl_estimate", "ppo_policy_loss", "ppo_value_loss", "PolicyWithValue",
+           "sample_responses", "response_logprobs", "rlhf_rewards", "ppo_step"]
 
 # task -> (question template, answer field). Templates use the row's fields.
 TASKS: dict[str, tuple[str, str]] = {
@@ -349,3 +351,190 @@ def pair_batches(tokenizer, pairs) -> tuple[dict, dict]:
         raise ValueError("pairs must be a non-empty list of dicts with prompt, chosen, rejected")
     return tuple(collate(tokenizer, [{"prompt": p["prompt"], "completion": p[key]} for p in pairs])
                  for key in ("chosen", "rejected"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PPO, written out (trl >= 1.13 has no PPO trainer). Shapes: B rollouts, P prompt tokens (left-padded), K response
+# tokens (right-padded after end-of-text). A response token t is an action; the state before it is the prompt plus
+# the response tokens before t, read at sequence position P - 1 + t.
+
+def _check_same_shape(**tensors) -> None:
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"shapes must match, got {shapes}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1 (x and mask of one shape)."""
+    _check_same_shape(x=x, mask=mask)
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (B, K) response tokens whose mask is a prefix of ones.
+
+    delta_t = r_t + gamma V_{t+1} - V_t (V after the last token = 0: the episode ends), A_t = sum_l (gamma lam)^l
+    delta_{t+l}. lam = 1: the discounted return minus V_t (Monte Carlo); lam = 0: the one-step TD error.
+    Returns (advantages, returns = advantages + values), zero where mask is 0."""
+    _check_same_shape(rewards=rewards, values=values, mask=mask)
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
+    mask = mask.to(values.dtype)
+    B, K = rewards.shape
+    adv = torch.zeros_like(values)
+    running = torch.zeros(B, dtype=values.dtype)
+    for t in reversed(range(K)):
+        alive = mask[:, t + 1] if t + 1 < K else torch.zeros(B, dtype=values.dtype)   # a next token exists
+        next_value = values[:, t + 1] * alive if t + 1 < K else torch.zeros(B, dtype=values.dtype)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * alive * running) * mask[:, t]
+        adv[:, t] = running
+    return adv, (adv + values) * mask
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from log-probabilities of tokens *sampled from pi*:
+    k1 = log pi - log ref (unbiased, can be negative: the penalty RLHF puts in the reward), k3 = (ref/pi - 1) -
+    log(ref/pi) (unbiased and >= 0, lower variance when the two are close)."""
+    _check_same_shape(logp=logp, ref_logp=ref_logp)
+    log_ratio = ref_logp - logp
+    if kind == "k1":
+        return -log_ratio
+    if kind == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"kind must be 'k1' or 'k3', got {kind!r}")
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped surrogate: -E[min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)], ratio = pi / pi_old per token.
+    Returns (loss, clip fraction = share of tokens where the clipped term is the one taken, so no gradient)."""
+    _check_same_shape(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
+    if clip <= 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    ratio = torch.exp(logp - old_logp)
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)
+    return masked_mean(torch.maximum(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip: float = 0.2) -> torch.Tensor:
+    """0.5 E[max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)]: the value moves at most eps per batch."""
+    _check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+class PolicyWithValue(nn.Module):
+    """A causal LM (a 🤗 `...ForCausalLM`) and a value head: a linear layer (C -> 1, zero at start) reading the
+    LM's last hidden state, detached (the head is a probe of the policy's features; its loss does not move the
+    policy). forward -> logits (B, T, V), values (B, T)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=True)
+        return out.logits, self.value_head(out.hidden_states[-1].detach()).squeeze(-1)
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)   # left padding: the first real token is position 0
+
+
+@torch.no_grad()
+def sample_responses(lm, prompts, max_new_tokens: int, eos_id: int, pad_id: int, generator=None,
+                     temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Sample replies from the full softmax (no top-k) to token-id prompts (a list of lists), left-padded;
+    temperature=0: greedy (the argmax token).
+
+    Returns input_ids (B, P + K), attention_mask (B, P + K), response (B, K) and response_mask (B, K): 1 on the
+    tokens up to and including the first end-of-text, pad after it; P = the longest prompt."""
+    from shared.validate import check_int
+
+    check_int("max_new_tokens", max_new_tokens, 1)
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(len(p) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    alive = torch.ones(len(prompts), dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        logits = lm(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits[:, -1].float()
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
+        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, alive.long()[:, None]], 1)
+        alive &= nxt != eos_id
+    return {"input_ids": ids, "attention_mask": mask, "response": ids[:, P:], "response_mask": mask[:, P:]}
+
+
+def response_logprobs(model, rollout: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(response token) (B, K) under `model` (a `PolicyWithValue` or a plain causal LM), and the values
+    V(state before each token) (B, K) for a `PolicyWithValue` (None for a plain LM)."""
+    ids, mask, K = rollout["input_ids"], rollout["attention_mask"], rollout["response"].shape[1]
+    pos = _positions(mask)
+    if isinstance(model, PolicyWithValue):
+        logits, values = model(ids, mask, pos)
+        values = values[:, -K - 1:-1]
+    else:
+        logits, values = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits, None
+    logp = torch.log_softmax(logits[:, -K - 1:-1].float(), -1)                   # (B, K, V)
+    return logp.gather(-1, rollout["response"].unsqueeze(-1)).squeeze(-1), values
+
+
+def rlhf_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                 beta: float) -> torch.Tensor:
+    """Per-token rewards (B, K): -beta * (log pi - log ref) on every response token, plus the reward model's score
+    (B,) on the last response token. beta = 0: the reward model alone."""
+    _check_same_shape(logp=logp, ref_logp=ref_logp, mask=mask)
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    rewards = -beta * kl_estimate(logp, ref_logp) * mask
+    last = (mask.sum(1) - 1).clamp(min=0).long()
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def ppo_step(policy: PolicyWithValue, ref, optimizer, rollout: dict, scores: torch.Tensor, *, beta: float,
+             gamma: float = 1.0, lam: float = 0.95, clip: float = 0.2, epochs: int = 4,
+             vf_coef: float = 0.5) -> dict[str, float]:
+    """One PPO update on one batch of rollouts: old log-probs, values and the reference's log-probs under no
+    grad; KL-penalised per-token rewards; GAE; whitened advantages; `epochs` passes of the clipped surrogate plus
+    the clipped value loss over the whole batch. Returns the batch's statistics (mean score, KL (k1 summed over
+    the response, averaged over rollouts), clip fraction and losses of the last epoch)."""
+    from shared.validate import check_int
+
+    check_int("epochs", epochs, 1)
+    mask = rollout["response_mask"].float()
+    with torch.no_grad():
+        policy.eval()
+        old_logp, old_values = response_logprobs(policy, rollout)
+        ref_logp, _ = response_logprobs(ref, rollout)
+        rewards = rlhf_rewards(scores, old_logp, ref_logp, mask, beta)
+        adv, returns = gae(rewards, old_values, mask, gamma, lam)
+        mean, std = masked_mean(adv, mask), masked_mean((adv - masked_mean(adv, mask)) ** 2, mask).sqrt()
+        adv = (adv - mean) / (std + 1e-8) * mask
+    policy.train()
+    for _ in range(epochs):
+        logp, values = response_logprobs(policy, rollout)
+        pg_loss, clipfrac = ppo_policy_loss(logp, old_logp, adv, mask, clip)
+        v_loss = ppo_value_loss(values, old_values, returns, mask, clip)
+        (pg_loss + vf_coef * v_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    policy.eval()
+    kl = (kl_estimate(old_logp, ref_logp) * mask).sum(1).mean()
+    return {"score": scores.float().mean().item(), "kl": kl.item(), "clipfrac": clipfrac.item(),
+            "pg_loss": pg_loss.item(), "v_loss": v_loss.item(), "length": mask.sum(1).mean().item()}

@@ -204,3 +204,130 @@ def test_preference_pairs_are_labelled_by_the_true_function():
         ft.preference_pairs(ex, {"colour": ["red"]})
     with pytest.raises(ValueError, match="non-empty"):
         ft.pair_batches(None, [])
+
+
+# ---------------------------------------------------------------------------------------------------- PPO pieces
+
+def test_gae_hand_example_and_closed_forms():
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.5, 0.5, 0.5]])
+    m = torch.ones(1, 3)
+    adv, ret = ft.gae(r, v, m, gamma=1.0, lam=1.0)           # Monte Carlo: return 1 everywhere, minus V
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5, 0.5]]))
+    torch.testing.assert_close(ret, torch.ones(1, 3))
+    adv, _ = ft.gae(r, v, m, gamma=1.0, lam=0.0)             # TD(0): delta_t = r_t + V_{t+1} - V_t
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.0, 0.5]]))
+    # by hand, gamma = 0.9, lam = 0.5: deltas (0.45 - 0.5, 0.45 - 0.5, 1 - 0.5) = (-0.05, -0.05, 0.5)
+    adv, _ = ft.gae(r, v, m, gamma=0.9, lam=0.5)
+    a2 = 0.5
+    a1 = -0.05 + 0.45 * a2
+    a0 = -0.05 + 0.45 * a1
+    torch.testing.assert_close(adv, torch.tensor([[a0, a1, a2]]))
+    # brute force on random data with ragged masks: A_t = sum_l (gamma lam)^l delta_{t+l} within the response
+    g = torch.Generator().manual_seed(0)
+    B, K, gamma, lam = 5, 6, 0.95, 0.8
+    r, v = torch.randn(B, K, generator=g), torch.randn(B, K, generator=g)
+    lengths = [6, 1, 3, 4, 2]
+    m = torch.tensor([[1.0] * n + [0.0] * (K - n) for n in lengths])
+    adv, ret = ft.gae(r * m, v, m, gamma, lam)
+    for b, n in enumerate(lengths):
+        vv = list(v[b, :n]) + [0.0]
+        delta = [r[b, t] + gamma * vv[t + 1] - vv[t] for t in range(n)]
+        want = [sum((gamma * lam) ** l * delta[t + l] for l in range(n - t)) for t in range(n)]
+        torch.testing.assert_close(adv[b, :n], torch.tensor(want), atol=1e-5, rtol=0)
+        assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all()
+    torch.testing.assert_close(ret, (adv + v) * m)
+
+
+def test_ppo_clipping():
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 2.0]])
+    ratio = torch.tensor([[1.5, 0.5, 1.5, 0.5, 1.1]])
+    old = torch.zeros(1, 5)
+    logp = torch.log(ratio).requires_grad_(True)
+    m = torch.ones(1, 5)
+    loss, clipfrac = ft.ppo_policy_loss(logp, old, adv, m, clip=0.2)
+    # per token -min(rA, clip(r) A): A>0, r=1.5 -> -1.2 (clipped); A>0, r=0.5 -> -0.5; A<0, r=1.5 -> 1.5;
+    # A<0, r=0.5 -> 0.8 (clipped); A=2, r=1.1 -> -2.2
+    want = torch.tensor([-1.2, -0.5, 1.5, 0.8, -2.2]).mean()
+    torch.testing.assert_close(loss, want)
+    assert clipfrac.item() == pytest.approx(2 / 5)
+    loss.backward()
+    grad = logp.grad[0]
+    assert grad[0] == 0 and grad[3] == 0                          # clipped tokens pass no gradient
+    torch.testing.assert_close(grad[[1, 2, 4]], torch.tensor([-0.5, 1.5, -2.2]) / 5)   # d(-rA)/dlogp = -rA / n
+    # masked tokens do not count
+    m2 = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]])
+    loss2, cf2 = ft.ppo_policy_loss(torch.log(ratio), old, adv, m2, clip=0.2)
+    torch.testing.assert_close(loss2, torch.tensor((-1.2 - 0.5) / 2))
+    assert cf2.item() == pytest.approx(0.5)
+    # value loss: the clipped value cannot move past old +- eps
+    v, v_old, ret = torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]])
+    torch.testing.assert_close(ft.ppo_value_loss(v, v_old, ret, torch.ones(1, 1), clip=0.2),
+                               torch.tensor(0.5 * 1.8 ** 2))   # max(0, (0.2 - 2)^2)
+
+
+def test_kl_estimators_against_the_closed_form():
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(6, generator=g), 0)
+    q = torch.softmax(torch.randn(6, generator=g), 0)
+    kl = (p * (p / q).log()).sum().item()
+    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    lp, lq = p.log()[x], q.log()[x]
+    for kind in ("k1", "k3"):
+        est = ft.kl_estimate(lp, lq, kind)
+        se = est.std().item() / math.sqrt(len(x))
+        assert abs(est.mean().item() - kl) < 5 * se, (kind, est.mean().item(), kl, se)   # unbiased, 5 sigma
+    assert (ft.kl_estimate(lp, lq, "k3") >= 0).all()
+    assert ft.kl_estimate(lp, lq, "k3").var() < ft.kl_estimate(lp, lq, "k1").var()   # lower variance here
+    assert (ft.kl_estimate(lp, lp, "k1") == 0).all() and (ft.kl_estimate(lp, lp, "k3") == 0).all()
+
+
+def test_rlhf_rewards_put_the_score_on_the_last_token():
+    logp, ref = torch.log(torch.tensor([[0.5, 0.5, 0.5]])), torch.log(torch.tensor([[0.25, 0.5, 1.0]]))
+    m = torch.tensor([[1.0, 1.0, 0.0]])
+    r = ft.rlhf_rewards(torch.tensor([3.0]), logp, ref, m, beta=0.5)
+    torch.testing.assert_close(r, torch.tensor([[-0.5 * math.log(2), 3.0, 0.0]]))
+    torch.testing.assert_close(ft.rlhf_rewards(torch.tensor([3.0]), logp, ref, m, beta=0.0),
+                               torch.tensor([[0.0, 3.0, 0.0]]))
+
+
+def test_sampling_logprobs_and_a_ppo_step(rows, tok):
+    lm = tiny_hf(tok)
+    prompts = [tok(e["prompt"], add_special_tokens=False)["input_ids"] for e in ft.qa_examples(rows[:3])[:5]]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    ro = ft.sample_responses(lm, prompts, 4, eos, pad, generator=torch.Generator().manual_seed(0))
+    K = ro["response"].shape[1]
+    assert K == 4 and ro["input_ids"].shape == ro["attention_mask"].shape
+    for resp, m in zip(ro["response"], ro["response_mask"]):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()                       # a prefix of ones
+        assert (resp[n:] == pad).all() and (eos not in resp[:n - 1].tolist())
+    # left-padded log-probs equal the unpadded forward of each sequence alone
+    logp, _ = ft.response_logprobs(lm, ro)
+    for b, p in enumerate(prompts):
+        seq = torch.tensor([p + ro["response"][b].tolist()])
+        with torch.no_grad():
+            lps = torch.log_softmax(lm(input_ids=seq).logits[0, len(p) - 1:-1], -1)
+        want = lps.gather(-1, ro["response"][b][:, None]).squeeze(-1)
+        n = int(ro["response_mask"][b].sum())
+        torch.testing.assert_close(logp[b, :n], want[:n], atol=1e-4, rtol=0)
+    policy = ft.PolicyWithValue(tiny_hf(tok))
+    ref = tiny_hf(tok)
+    lp0, v0 = ft.response_logprobs(policy, ro)
+    assert v0.shape == (5, K) and (v0 == 0).all()                    # the value head starts at zero
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    stats = ft.ppo_step(policy, ref, opt, ro, torch.randn(5, generator=torch.Generator().manual_seed(1)), beta=0.1,
+                        epochs=2)
+    assert set(stats) >= {"score", "kl", "clipfrac", "pg_loss", "v_loss"} and abs(stats["kl"]) < 1e-5   # policy == ref
+    lp1, v1 = ft.response_logprobs(policy, ro)
+    assert not torch.allclose(lp0, lp1) and not (v1 == 0).all()     # both the policy and the value head moved
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ft.sample_responses(lm, prompts, 0, eos, pad)
+    with pytest.raises(ValueError, match="epochs"):
+        ft.ppo_step(policy, ref, opt, ro, torch.zeros(5), beta=0.1, epochs=0)
+    with pytest.raises(ValueError, match="beta"):
+        ft.rlhf_rewards(torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), beta=-1)
+    with pytest.raises(ValueError, match="kind"):
+        ft.kl_estimate(torch.zeros(2), torch.zeros(2), "k2")
+    with pytest.raises(ValueError, match="shapes"):
+        ft.gae(torch.zeros(1, 2), torch.zeros(1, 3), torch.ones(1, 2))
