@@ -70,3 +70,18 @@ def test_train_takes_a_batch_callable():
     assert h.train_loss[-1] < 0.5 * h.train_loss[0] and h.tokens_per_sec > 0
     with pytest.raises(TypeError, match="train_tokens"):
         train(m, [1, 2, 3], steps=1, progress=False)
+
+
+def test_training_memory_does_not_grow_with_steps():
+    """Regression: keeping each step's loss tensor grew RSS by about the logits' size per step (~5 MB here)."""
+    import psutil
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=781, block_size=256, n_layer=1, n_head=2, d_model=32)
+    tokens = torch.randint(0, 781, (20_000,))
+    proc = psutil.Process()
+    train(GPT(cfg), tokens, steps=10, batch_size=8, seq_len=256, progress=False)    # warm the allocator
+    before = proc.memory_info().rss
+    hist = train(GPT(cfg), tokens, steps=80, batch_size=8, seq_len=256, progress=False)
+    grown = proc.memory_info().rss - before
+    assert len(hist.train_loss) == 80
+    assert grown < 150 * 2**20, f"RSS grew {grown / 2**20:.0f} MB over 80 steps (a leak would be ~400 MB)"
