@@ -511,26 +511,7 @@ def input_channel_absmax(model: nn.Module, idx: torch.Tensor) -> dict[str, torch
     """Per input channel, max |x| over every token of `idx` (B, T) at the input of each nn.Linear of `model`:
     {module name: (in_features,)}. The activation-side view of quantisation: a per-tensor activation scale is set
     by the largest channel, so max / median of these says how many bits the typical channel loses."""
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
-        raise TypeError("idx must be a (B, T) tensor of token ids (torch.long)")
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def record(module, inputs, output):
-            a = inputs[0].detach().abs().flatten(0, -2).amax(dim=0)
-            seen[name] = torch.maximum(seen[name], a) if name in seen else a
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not handles:
-        raise ValueError("model has no nn.Linear layer to observe")
-    try:
-        with torch.no_grad():
-            model(idx)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    return {name: x.abs().amax(dim=0) for name, x in linear_inputs(model, idx).items()}
 
 
 # ---------------------------------------------------------------------------------------------- QAT
