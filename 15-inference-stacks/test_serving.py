@@ -5,6 +5,9 @@ time greedy decoding with `shared.model.decode` (token ids, exact). The test mod
 large init so that its greedy choices are decisive (no near-ties that float rounding of a batched matmul could flip).
 """
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,7 +186,9 @@ def test_harness_arguments_and_skips(tmp_path):
         stack_bench.run_stack("hf", tmp_path, [[1, 2]], 4, mixed=([[1], []], [2, 3]))
     skipped = stack_bench.skipped_stacks()
     assert skipped and all(isinstance(r, str) and r for r in skipped.values())
-    assert set(skipped) & set(stack_bench.STACKS) <= {"vllm"}       # vllm: only when its environment is missing
+    cpu_skipped = set(skipped) & set(stack_bench.CPU_STACKS)
+    assert cpu_skipped <= {"vllm"}                                  # vllm: only when its environment is missing
+    assert set(stack_bench.STACKS) == set(stack_bench.CPU_STACKS) | set(stack_bench.GPU_STACKS)
 
 
 def test_vllm_skipped_with_reason_without_its_environment(tmp_path, monkeypatch):
@@ -192,6 +197,96 @@ def test_vllm_skipped_with_reason_without_its_environment(tmp_path, monkeypatch)
     assert "vllm_env.sh" in stack_bench.skipped_stacks()["vllm"]
     with pytest.raises(FileNotFoundError, match="vllm_env.sh"):
         stack_bench.run_stack("vllm", tmp_path / "hf", [[1, 2]], 4)
+
+
+# ---------------------------------------------------------------------------------------------- the GPU path
+@pytest.fixture
+def gpu_world(monkeypatch, tmp_path):
+    """Pretend: CUDA present or not, exllamav2 importable or not, a CUDA vLLM python configured or not."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def world(cuda, exllamav2, vllm_cuda):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU")
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (object() if exllamav2 else None) if name == "exllamav2"
+                            else real_find_spec(name, *a))
+        if vllm_cuda:
+            python = tmp_path / "cuda-env" / "bin" / "python"
+            python.parent.mkdir(parents=True, exist_ok=True)
+            python.write_text("")
+            monkeypatch.setenv("LLMP_VLLM_CUDA_PYTHON", str(python))
+        else:
+            monkeypatch.delenv("LLMP_VLLM_CUDA_PYTHON", raising=False)
+    return world
+
+
+@pytest.mark.parametrize("cuda,exllamav2,vllm_cuda,runs", [
+    (False, True, True, set()),                         # no GPU: both skipped, whatever is installed
+    (True, False, False, set()),                        # GPU, neither installed
+    (True, True, False, {"exllamav2"}),
+    (True, False, True, {"vllm-cuda"}),
+    (True, True, True, {"vllm-cuda", "exllamav2"}),
+])
+def test_gpu_stack_selection(gpu_world, cuda, exllamav2, vllm_cuda, runs):
+    gpu_world(cuda, exllamav2, vllm_cuda)
+    skipped = stack_bench.skipped_stacks()
+    assert set(stack_bench.GPU_STACKS) - set(skipped) == runs
+    for stack in set(stack_bench.GPU_STACKS) - runs:                # every skip names its reason
+        reason = skipped[stack]
+        assert ("no CUDA GPU" in reason) if not cuda else (
+            "LLMP_VLLM_CUDA_PYTHON" in reason if stack == "vllm-cuda" else "EXL2" in reason)
+
+
+def test_gpu_rows_written_only_with_cuda(gpu_world, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run_stack(stack, model_dir, prompts, max_new, **kw):
+        calls.append(stack)
+        if stack == "exllamav2":
+            raise RuntimeError("stack exllamav2 failed: head size")   # a failure becomes a row, not a crash
+        return {"tokens_b8": [[1, 2]], "ttft_s": [0.1]}
+    monkeypatch.setattr(stack_bench, "run_stack", fake_run_stack)
+    out = tmp_path / "results_gpu.json"
+    gpu_world(False, True, True)
+    assert stack_bench.run_gpu_rows(tmp_path, [[5]], 2, [[1, 2]], out=out) == {} and not out.exists() and not calls
+    gpu_world(True, True, True)
+    rows = stack_bench.run_gpu_rows(tmp_path, [[5]], 2, [[1, 2]], out=out)
+    assert calls == ["vllm-cuda", "exllamav2"] and rows["vllm-cuda"]["tokens_equal_reference"]
+    assert "head size" in rows["exllamav2"]["error"]
+    saved = json.loads(out.read_text())
+    assert saved["device"] == "FakeGPU" and "GPU" in saved["label"] and set(saved["rows"]) == set(rows)
+
+
+def test_child_process_interpreter_and_environment(gpu_world, monkeypatch, tmp_path):
+    """One function builds every stack's process: our python for ours, vLLM's for the vllm stacks, no PYTHONPATH."""
+    monkeypatch.setenv("PYTHONPATH", "/ours")
+    python, env = stack_bench._child_env("hf", 2)
+    assert str(python) == sys.executable and env["OMP_NUM_THREADS"] == "2" and env["PYTHONPATH"] == "/ours"
+    gpu_world(True, False, True)
+    python, env = stack_bench._child_env("vllm-cuda", 1)
+    assert python == stack_bench.vllm_cuda_python() and "PYTHONPATH" not in env
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    gpu_world(True, False, False)
+    with pytest.raises(FileNotFoundError, match="LLMP_VLLM_CUDA_PYTHON"):
+        stack_bench.run_stack("vllm-cuda", tmp_path / "hf", [[1, 2]], 4)
+
+
+def test_vllm_env_sh_asks_the_harness_for_its_default(monkeypatch):
+    """vllm_env.sh's default venv is the one vllm_python() looks in (printed by `stack_bench.py vllm-venv`)."""
+    import subprocess
+
+    monkeypatch.setenv("LLMP_VLLM_VENV", "/tmp/some-venv")
+    out = subprocess.run(["bash", str(stack_bench.HERE / "vllm_env.sh")], env={**os.environ, "LLMP_SKIP_VLLM": "1"},
+                         capture_output=True, text=True, check=True).stdout
+    assert "/tmp/some-venv" in out and stack_bench.vllm_venv() == Path("/tmp/some-venv")
+    monkeypatch.delenv("LLMP_VLLM_VENV")
+    env = {k: v for k, v in os.environ.items() if k != "LLMP_VLLM_VENV"}
+    out = subprocess.run([sys.executable, str(stack_bench.HERE / "stack_bench.py"), "vllm-venv"], capture_output=True,
+                         text=True, check=True, env=env).stdout
+    assert Path(out.strip()) == stack_bench.vllm_venv() == stack_bench.HERE.parent / ".venv-vllm"
 
 
 def tiny_llama(path, head_dim=8, seed=0):

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds the separate vLLM environment that 15-inference-stacks benchmarks in its own process.
-# Usage: bash 15-inference-stacks/vllm_env.sh [VENV_DIR]   (default: .venv-vllm at the repository root)
+# Usage: bash 15-inference-stacks/vllm_env.sh [VENV_DIR]
+#   default: where the harness looks for it, `stack_bench.vllm_venv()` ($LLMP_VLLM_VENV, else .venv-vllm at the
+#   repository root), asked of stack_bench.py itself so that the default is written in one place.
 # Skip it with LLMP_SKIP_VLLM=1: notebook 15 then lists vLLM as skipped, with this reason.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-root="$(cd "$here/.." && pwd)"
-venv="${1:-${LLMP_VLLM_VENV:-$root/.venv-vllm}}"
+venv="${1:-$(python3 "$here/stack_bench.py" vllm-venv)}"
 if [[ "${LLMP_SKIP_VLLM:-0}" == "1" ]]; then
     echo "vllm_env.sh: LLMP_SKIP_VLLM=1, not building $venv"
     exit 0
