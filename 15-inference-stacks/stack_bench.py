@@ -367,6 +367,14 @@ def _greedy_loop(step_fn, prompts, max_new, stamps):
     return [row[len(p):] for row, p in zip(ids, prompts)]
 
 
+def _built(model_dir, name: str, step: str) -> Path:
+    """The artifact `name` beside the model folder, which `python stack_bench.py STEP MODEL_DIR` writes."""
+    path = Path(model_dir).parent / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: run `stack_bench.py {step} MODEL_DIR` first")
+    return path
+
+
 _EXTRA = {}        # what a stack's loader adds: "mixed" (prompts, new_tokens) -> outputs, "head_dim_factor"
 
 
@@ -472,9 +480,7 @@ def _load(stack, model_dir, threads, max_batch=8):
         import onnxruntime as ort
 
         _imported()
-        onnx_path = Path(model_dir).parent / "model.onnx"
-        if not onnx_path.exists():
-            raise FileNotFoundError(f"{onnx_path}: run `stack_bench.py export-onnx MODEL_DIR` first")
+        onnx_path = _built(model_dir, "model.onnx", "export-onnx")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
@@ -491,9 +497,7 @@ def _load(stack, model_dir, threads, max_batch=8):
         from tokenizers import Tokenizer
 
         _imported()
-        ct2_dir = Path(model_dir).parent / "ct2"
-        if not ct2_dir.exists():
-            raise FileNotFoundError(f"{ct2_dir}: run `stack_bench.py convert-ct2 MODEL_DIR` first")
+        ct2_dir = _built(model_dir, "ct2", "convert-ct2")
         tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))   # ids -> token strings, for CT2
         gen = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type="float32", intra_threads=threads,
                                     inter_threads=1)
@@ -582,7 +586,6 @@ def _export_onnx(model_dir: str) -> None:
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(model_dir).eval()
-    model.eval()
 
     class LogitsOnly(torch.nn.Module):
         def __init__(self, m):
