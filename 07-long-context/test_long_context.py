@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import long_context as lc
-from shared.model import GPT, GPTConfig, decode, greedy_next
+from shared.model import GPT, Attention, GPTConfig, decode, greedy_next
 
 
 def tiny_cfg(**kw):
@@ -40,6 +40,37 @@ def test_band_mask_bad_window(bad, exc):
 def test_bad_sinks():
     with pytest.raises(ValueError, match="sinks"):
         lc.sliding_factory(4, -1)
+
+
+def test_sliding_factory_per_layer():
+    """A band in chosen layers only: those layers get SlidingWindowAttention, the others plain Attention; banding
+    layer 1 alone changes logits only past the window, and banding every listed layer equals the all-layer band."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(block_size=40)
+    full = GPT(cfg).eval()
+    last = GPT(cfg, attn_factory=lc.sliding_factory(4, layers=[1])).eval()
+    both = GPT(cfg, attn_factory=lc.sliding_factory(4, layers=(0, 1))).eval()
+    every = GPT(cfg, attn_factory=lc.sliding_factory(4)).eval()
+    assert [type(b.attn) for b in last.blocks] == [Attention, lc.SlidingWindowAttention]
+    for m in (last, both, every):
+        m.load_state_dict(full.state_dict())
+    x = torch.randint(0, 40, (2, 40))
+    with torch.no_grad():
+        lf, ll = full(x)[0], last(x)[0]
+        torch.testing.assert_close(ll[:, :4], lf[:, :4], atol=1e-5, rtol=0)      # inside the window: the same
+        assert (ll[:, 4:] - lf[:, 4:]).abs().max() > 1e-3                         # past it: the band bites
+        torch.testing.assert_close(both(x)[0], every(x)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layers", [[], [-1], [True], [0.5]])
+def test_sliding_factory_bad_layers(layers):
+    with pytest.raises(ValueError, match="layers"):
+        lc.sliding_factory(4, layers=layers)
+
+
+def test_sliding_factory_layer_out_of_range():
+    with pytest.raises(ValueError, match="out of range"):
+        GPT(tiny_cfg(), attn_factory=lc.sliding_factory(4, layers=[2]))
 
 
 def test_sliding_rejects_unsupported_config():
