@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from shared.model import Attention, GPTConfig, apply_rope, rope_cos_sin
+from shared.model import GPT, Attention, GPTConfig, apply_rope, rope_cos_sin
 from shared.validate import check_int
 
 
@@ -128,6 +128,17 @@ def sliding_factory(window: int, sinks: int = 0, renumber: bool = False, layers=
             return SlidingWindowAttention(cfg, layer_idx, window=window, sinks=sinks, renumber=renumber)
         return Attention(cfg, layer_idx)
     return make
+
+
+def with_attention(model, attn_factory=None):
+    """A new GPT with `model`'s config and a copy of its weights, whose attention comes from `attn_factory` (None:
+    the shared full causal `Attention`), in eval mode: the same trained weights read through a band, sinks or a
+    scaled RoPE table. Strict loading: a model whose other parts differ from the default GPT raises."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a shared.model.GPT, got {type(model).__name__}")
+    copy = GPT(model.cfg, attn_factory=attn_factory)
+    copy.load_state_dict(model.state_dict())
+    return copy.eval()
 
 
 def renumbered_attention_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int,

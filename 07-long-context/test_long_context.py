@@ -62,6 +62,30 @@ def test_sliding_factory_per_layer():
         torch.testing.assert_close(both(x)[0], every(x)[0], atol=0, rtol=0)
 
 
+def test_with_attention_copies_weights():
+    """The copy reads the same weights through another attention: a wide band equals the original's logits, a
+    narrow one differs past the window; training the copy leaves the original untouched."""
+    torch.manual_seed(0)
+    full = GPT(tiny_cfg(block_size=40)).train()
+    x = torch.randint(0, 40, (2, 40))
+    wide, narrow = lc.with_attention(full, lc.sliding_factory(40)), lc.with_attention(full, lc.sliding_factory(4))
+    assert not wide.training and isinstance(narrow.blocks[0].attn, lc.SlidingWindowAttention)
+    plain = lc.with_attention(wide)                                   # None: back to the shared Attention
+    assert type(plain.blocks[0].attn) is Attention
+    with torch.no_grad():
+        ref = full.eval()(x)[0]
+        torch.testing.assert_close(wide(x)[0], ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(plain(x)[0], ref, atol=1e-5, rtol=0)
+        assert (narrow(x)[0][:, 4:] - ref[:, 4:]).abs().max() > 1e-3
+        next(narrow.parameters()).add_(1.0)
+    torch.testing.assert_close(full(x)[0], ref, atol=0, rtol=0)
+
+
+def test_with_attention_rejects_non_gpt():
+    with pytest.raises(TypeError, match="GPT"):
+        lc.with_attention(torch.nn.Linear(2, 2))
+
+
 @pytest.mark.parametrize("layers", [[], [-1], [True], [0.5]])
 def test_sliding_factory_bad_layers(layers):
     with pytest.raises(ValueError, match="layers"):
