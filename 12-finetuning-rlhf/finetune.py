@@ -312,12 +312,15 @@ PAIR_KINDS = ("rambling", "wrong type", "wrong value")
 
 
 def preference_pairs(examples, categories: dict, seed: int = 0, kinds=PAIR_KINDS,
-                     eos: str = "<|endoftext|>") -> list[dict]:
+                     eos: str = "<|endoftext|>", chosen_rambling: float = 0.0) -> list[dict]:
     """One preference pair per example, labelled by `true_preference`: chosen = the concise right answer
     (preference 1); rejected, of a seeded random kind among `kinds`:
       "rambling":    the right answer repeated three times (preference 0.5: right but wordy),
       "wrong type":  a word of another field's category (0: did not read the instruction),
       "wrong value": another word of the asked category (0: read the instruction, not the fact).
+    `chosen_rambling` (a probability, allowed only without the "rambling" kind): the chosen side is instead the
+    right answer repeated three times (0.5, still preferred to a wrong word), so the data set's chosen answers are
+    longer than its rejected ones without any pair saying that wordiness loses: a reward model's length blind spot.
     Returns dicts prompt, chosen, rejected (completion strings ending in `eos`), kind, answer."""
     import random
 
@@ -325,6 +328,12 @@ def preference_pairs(examples, categories: dict, seed: int = 0, kinds=PAIR_KINDS
     kinds = tuple(kinds)
     if not kinds or any(k not in PAIR_KINDS for k in kinds):
         raise ValueError(f"kinds must be a non-empty subset of {PAIR_KINDS}, got {kinds}")
+    if isinstance(chosen_rambling, bool) or not isinstance(chosen_rambling, (int, float)) \
+            or not 0 <= chosen_rambling <= 1:
+        raise ValueError(f"chosen_rambling must be a probability in [0, 1], got {chosen_rambling!r}")
+    if chosen_rambling > 0 and "rambling" in kinds:
+        raise ValueError("chosen_rambling > 0 needs kinds without 'rambling' (a rambling chosen answer is not "
+                         "preferred to a rambling rejected one)")
     fields = [field for _, field in TASKS.values()]
     missing = [f for f in fields if f not in categories]
     if missing:
@@ -340,7 +349,8 @@ def preference_pairs(examples, categories: dict, seed: int = 0, kinds=PAIR_KINDS
             bad = rng.choice(categories[rng.choice([f for f in fields if f != field])])
         else:
             bad = rng.choice([w for w in categories[field] if w != e["answer"]])
-        out.append({"prompt": e["prompt"], "chosen": f" {e['answer']}{eos}", "rejected": f" {bad}{eos}",
+        good = " ".join([e["answer"]] * 3) if chosen_rambling and rng.random() < chosen_rambling else e["answer"]
+        out.append({"prompt": e["prompt"], "chosen": f" {good}{eos}", "rejected": f" {bad}{eos}",
                     "kind": kind, "answer": e["answer"]})
     return out
 
@@ -451,9 +461,10 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_responses(lm, prompts, max_new_tokens: int, eos_id: int, pad_id: int, generator=None,
-                     temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                     temperature: float = 1.0, use_cache: bool = True) -> dict[str, torch.Tensor]:
     """Sample replies from the full softmax (no top-k) to token-id prompts (a list of lists), left-padded;
-    temperature=0: greedy (the argmax token).
+    temperature=0: greedy (the argmax token). use_cache: after the prompt, feed only the new token and the
+    model's key/value cache (the same distribution as recomputing the whole sequence, to float rounding; faster).
 
     Returns input_ids (B, P + K), attention_mask (B, P + K), response (B, K) and response_mask (B, K): 1 on the
     tokens up to and including the first end-of-text, pad after it; P = the longest prompt."""
@@ -468,8 +479,16 @@ def sample_responses(lm, prompts, max_new_tokens: int, eos_id: int, pad_id: int,
     ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     alive = torch.ones(len(prompts), dtype=torch.bool)
+    past = None
     for _ in range(max_new_tokens):
-        logits = lm(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits[:, -1].float()
+        if use_cache:
+            new = ids if past is None else ids[:, -1:]
+            out = lm(input_ids=new, attention_mask=mask, position_ids=_positions(mask)[:, -new.shape[1]:],
+                     cache=past, use_cache=True)
+            past = out.cache
+        else:
+            out = lm(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
+        logits = out.logits[:, -1].float()
         if temperature == 0:
             nxt = logits.argmax(-1)
         else:

@@ -206,6 +206,32 @@ def test_preference_pairs_are_labelled_by_the_true_function():
         ft.pair_batches(None, [])
 
 
+def test_preference_pairs_with_a_rambling_chosen_side_still_follow_the_true_function():
+    cats = {"colour": ["red", "blue", "green"], "object": ["map", "hat"], "animal": ["cat", "dog"],
+            "name": ["Tom", "Mia"]}
+    rows = [{"name": "Tom", "animal": "cat", "colour": "red", "object": "map"},
+            {"name": "Mia", "animal": "dog", "colour": "blue", "object": "hat"}] * 50
+    ex = ft.qa_examples(rows)
+    strip = lambda s: s.replace("<|endoftext|>", "")
+    kinds = ("wrong type", "wrong value")
+    pairs = ft.preference_pairs(ex, cats, seed=0, kinds=kinds, chosen_rambling=0.5)
+    wordy = [len(strip(p["chosen"]).split()) > 1 for p in pairs]
+    assert 0.35 < sum(wordy) / len(pairs) < 0.65                                # about half, seeded
+    for p, e, w in zip(pairs, ex, wordy):
+        chosen, rejected = ft.true_preference(strip(p["chosen"]), e["answer"]), ft.true_preference(strip(p["rejected"]), e["answer"])
+        assert chosen == (0.5 if w else 1.0) and rejected == 0.0 and chosen > rejected   # labelled right
+        assert len(strip(p["rejected"]).split()) == 1 and p["kind"] in kinds             # rejected: one wrong word
+    every = ft.preference_pairs(ex, cats, seed=0, kinds=kinds, chosen_rambling=1.0)
+    assert all(strip(p["chosen"]).split() == [e["answer"]] * 3 for p, e in zip(every, ex))
+    none = ft.preference_pairs(ex, cats, seed=0, kinds=kinds, chosen_rambling=0.0)
+    assert all(strip(p["chosen"]).split() == [e["answer"]] for p, e in zip(none, ex))
+    with pytest.raises(ValueError, match="rambling"):
+        ft.preference_pairs(ex, cats, chosen_rambling=0.5)                      # the default kinds include rambling
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="chosen_rambling"):
+            ft.preference_pairs(ex, cats, kinds=kinds, chosen_rambling=bad)
+
+
 # ---------------------------------------------------------------------------------------------------- PPO pieces
 
 def test_gae_hand_example_and_closed_forms():
@@ -302,6 +328,20 @@ def test_sampling_logprobs_and_a_ppo_step(rows, tok):
         n = int(m.sum())
         assert m[:n].all() and not m[n:].any()                       # a prefix of ones
         assert (resp[n:] == pad).all() and (eos not in resp[:n - 1].tolist())
+    seen = {True: [], False: []}                                   # the next-token logits each call computes
+
+    def recording(use_cache):
+        def call(**kw):
+            out = lm(**kw)
+            seen[use_cache].append(out.logits[:, -1])
+            return out
+        return call
+    for temperature in (0.0, 1.0):                                 # the key/value cache changes nothing but speed
+        seen[True].clear(), seen[False].clear()
+        a, b = (ft.sample_responses(recording(c), prompts, 4, eos, pad, generator=torch.Generator().manual_seed(0),
+                                    temperature=temperature, use_cache=c) for c in (True, False))
+        assert all(torch.equal(a[k], b[k]) for k in a), temperature
+        torch.testing.assert_close(torch.stack(seen[True]), torch.stack(seen[False]), atol=1e-5, rtol=0)
     # left-padded log-probs equal the unpadded forward of each sequence alone
     logp, _ = ft.response_logprobs(lm, ro)
     for b, p in enumerate(prompts):
