@@ -178,12 +178,19 @@ def test_finetune_runs_and_exact_match_grades(rows, tok):
     assert all(t or not e for t, e in zip(g["type"], g["exact"]))   # an exact answer is of the right type
 
 
-def test_preference_pairs_are_labelled_by_the_true_function():
-    cats = {"colour": ["red", "blue", "green"], "object": ["map", "hat"], "animal": ["cat", "dog"],
-            "name": ["Tom", "Mia"]}
+PAIR_CATS = {"colour": ["red", "blue", "green"], "object": ["map", "hat"], "animal": ["cat", "dog"],
+             "name": ["Tom", "Mia"]}
+
+
+def two_story_examples(repeats: int) -> list[dict]:
+    """Question/answer examples of two stories (Tom's red map, Mia's blue hat), `repeats` times over."""
     rows = [{"name": "Tom", "animal": "cat", "colour": "red", "object": "map"},
-            {"name": "Mia", "animal": "dog", "colour": "blue", "object": "hat"}] * 10
-    ex = ft.qa_examples(rows)
+            {"name": "Mia", "animal": "dog", "colour": "blue", "object": "hat"}] * repeats
+    return ft.qa_examples(rows)
+
+
+def test_preference_pairs_are_labelled_by_the_true_function():
+    cats, ex = PAIR_CATS, two_story_examples(10)
     pairs = ft.preference_pairs(ex, cats, seed=3)
     assert len(pairs) == len(ex) and {p["kind"] for p in pairs} == set(ft.PAIR_KINDS)
     want = {"rambling": 0.5, "wrong type": 0.0, "wrong value": 0.0}
@@ -207,11 +214,7 @@ def test_preference_pairs_are_labelled_by_the_true_function():
 
 
 def test_preference_pairs_with_a_rambling_chosen_side_still_follow_the_true_function():
-    cats = {"colour": ["red", "blue", "green"], "object": ["map", "hat"], "animal": ["cat", "dog"],
-            "name": ["Tom", "Mia"]}
-    rows = [{"name": "Tom", "animal": "cat", "colour": "red", "object": "map"},
-            {"name": "Mia", "animal": "dog", "colour": "blue", "object": "hat"}] * 50
-    ex = ft.qa_examples(rows)
+    cats, ex = PAIR_CATS, two_story_examples(50)
     strip = lambda s: s.replace("<|endoftext|>", "")
     kinds = ("wrong type", "wrong value")
     pairs = ft.preference_pairs(ex, cats, seed=0, kinds=kinds, chosen_rambling=0.5)
