@@ -1,6 +1,8 @@
 """A small deterministic training loop: AdamW, linear warm-up + cosine decay, gradient clipping, validation.
 
-Works for any module whose `forward(idx, targets)` returns `(logits, loss)`.
+Works for any module whose `forward(idx, targets)` returns `(logits, loss)`. `train_step` is the one optimizer
+step every loop in the repo takes (this file's `train`, and the folders' loops that record something else per
+step); `lr_at` is the schedule (warm-up, an optional constant stretch, cosine decay: WSD when `decay_start` is set).
 """
 from __future__ import annotations
 
@@ -24,12 +26,30 @@ class History:
     seconds: float = 0.0                                    # wall time of the whole call
 
 
-def lr_at(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float) -> float:
-    """Linear warm-up for `warmup` steps, then cosine decay from lr to lr * min_lr_ratio at the last step."""
+def lr_at(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float, decay_start: int | None = None) -> float:
+    """Linear warm-up for `warmup` steps, constant lr until `decay_start` (default: the end of warm-up), then cosine
+    decay from lr to lr * min_lr_ratio at the last step. With `decay_start` late this is warm-up/stable/decay (WSD)."""
+    start = warmup if decay_start is None else max(warmup, decay_start)
     if step < warmup:
         return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup - 1)
+    if step < start:
+        return lr
+    progress = (step - start) / max(1, steps - start - 1)
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               grad_clip: float | None = 1.0) -> torch.Tensor:
+    """One optimizer step on the batch (x, y), both (B, T) on the model's device: forward, backward, clip the global
+    gradient norm to `grad_clip` (None or 0: no clipping), step. Returns the batch's loss, detached (a 0-d tensor:
+    read it with `.item()` only when needed, each read is a host sync)."""
+    _, loss = model(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -77,7 +97,8 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = N
           batch_size: int = 32, seq_len: int | None = None, lr: float = 3e-3, warmup: int | None = None,
           min_lr_ratio: float = 0.1, weight_decay: float = 0.1, grad_clip: float | None = 1.0,
           eval_every: int | None = None, eval_batches: int = 20, seed: int = 0, progress: bool = True,
-          betas: tuple[float, float] = (0.9, 0.95)) -> History:
+          betas: tuple[float, float] = (0.9, 0.95), decay_start: int | None = None,
+          lr_schedule=None, on_step=None) -> History:
     """Train in place on random windows of `train_tokens`; returns a History.
 
     `train_tokens` is a 1-D token stream, or a callable `generator -> (x, y)` that makes each batch itself (a
@@ -86,8 +107,14 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = N
     Deterministic for a given seed and thread count: batches come from a seeded generator, and the model's
     initial weights are whatever the caller built (seed before building it). `seq_len` defaults to the model's
     `cfg.block_size`. Validation (every `eval_every` steps and at the end) uses fixed windows of `val_tokens`.
+    The learning rate follows `lr_at` (warm-up, constant until `decay_start`, cosine to `lr * min_lr_ratio`), or
+    `lr_schedule(step) -> lr` when given. `on_step(step, model, loss)` runs after each optimizer step (loss: the
+    detached 0-d batch loss), e.g. to probe the model every N steps; it must not draw from the batch generator.
     """
     seq_len = _check_train_args(model, train_tokens, steps, lr, batch_size, seq_len)
+    for name, fn in (("lr_schedule", lr_schedule), ("on_step", on_step)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     next_batch = train_tokens if callable(train_tokens) else \
         (lambda gen: random_windows(train_tokens, seq_len, batch_size, gen))
     warmup = max(1, steps // 20) if warmup is None else warmup
@@ -108,16 +135,14 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = N
     for step in range(steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup, min_lr_ratio)
+            group["lr"] = lr_schedule(step) if lr_schedule else lr_at(step, steps, lr, warmup, min_lr_ratio, decay_start)
         x, y = next_batch(g)
-        _, loss = model(x.to(dev), y.to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
+        loss = train_step(model, opt, x.to(dev), y.to(dev), grad_clip)
         train_time += time.perf_counter() - t0
-        losses[step] = loss.detach()
+        losses[step] = loss
+        if on_step is not None:
+            on_step(step, model, loss)
+            model.train()
         hist.lr.append(opt.param_groups[0]["lr"])
         if val_tokens is not None and ((step + 1) % eval_every == 0 or step == steps - 1):
             hist.val_step.append(step + 1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from shared.model import GPT, GPTConfig
-from shared.train import evaluate, evaluate_stream, lr_at, train
+from shared.train import evaluate, evaluate_stream, lr_at, make_optimizer, train, train_step
 
 
 def tiny():
@@ -35,6 +35,36 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[-1] == pytest.approx(0.1)
     assert all(x >= y for x, y in zip(lrs[9:], lrs[10:]))
+
+
+def test_lr_schedule_wsd_holds_then_decays():
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1, decay_start=60) for s in range(100)]
+    assert lrs[9] == lrs[30] == lrs[60] == 1.0 and lrs[61] < 1.0     # warm-up, stable, decay
+    assert lrs[-1] == pytest.approx(0.1)
+    assert lr_at(50, 100, 1.0, 10, 0.1, decay_start=None) == lr_at(50, 100, 1.0, 10, 0.1, decay_start=10)
+
+
+def test_train_step_is_the_loops_step_and_schedule_hooks_apply():
+    """train() = warm-up/cosine lr + train_step on seeded windows: a hand loop of train_step reproduces it exactly;
+    lr_schedule replaces the schedule and on_step sees every step."""
+    stream = torch.randint(0, 40, (2000,), generator=torch.Generator().manual_seed(0))
+    a, b = tiny(), tiny()
+    seen = []
+    ha = train(a, stream, steps=12, batch_size=4, progress=False, seed=5, lr_schedule=lambda s: 1e-3 * (s + 1),
+               on_step=lambda step, model, loss: seen.append((step, loss.item())))
+    assert [s for s, _ in seen] == list(range(12)) and [l for _, l in seen] == ha.train_loss
+    opt = make_optimizer(b, 1.0, 0.1, (0.9, 0.95))
+    g = torch.Generator().manual_seed(5)
+    from shared.data import random_windows
+    for step in range(12):
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * (step + 1)
+        x, y = random_windows(stream, 16, 4, g)
+        assert train_step(b, opt, x, y).item() == ha.train_loss[step]
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(TypeError, match="on_step"):
+        train(tiny(), stream, steps=1, progress=False, on_step=3)
 
 
 def test_evaluate_and_evaluate_stream_agree_on_full_windows():
