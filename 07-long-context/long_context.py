@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from shared.data import RecallItem, recall_hits, recall_items  # noqa: F401  (re-exported: the notebook's names)
 from shared.model import GPT, Attention, GPTConfig, apply_rope, rope_cos_sin
 from shared.validate import check_int
 
@@ -389,61 +390,8 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Recall of the planted object at a distance ("Mia had a red kite. ... Later, Mia found the red kite.")
-@dataclasses.dataclass(frozen=True)
-class RecallItem:
-    """One story scored on its recalled object. The model reads `ids[:query + 1]` (up to "... the red") and must
-    predict `target` (the object, "kite") at position `query`; the planted object sits at `query - distance`, so a
-    band of W tokens still sees it directly iff `distance < W`."""
-    ids: tuple[int, ...]    # the whole story's token ids
-    query: int              # position whose next-token prediction is scored
-    target: int             # the object's token id (= ids[query + 1] = ids[query - distance])
-    distance: int           # tokens from the planted object to the query (query - planted position)
-    sentences: int          # filler sentences between the plant and the recall (the corpus's recall_distance)
-
-
-def recall_items(tokenizer, stories) -> list[RecallItem]:
-    """A `RecallItem` per story; `stories` is a sequence of dicts (or a `datasets` split) with the story corpus's
-    `text`, `colour`, `object` and `recall_distance`. Needs a tokenizer that keeps word boundaries (one token per
-    story word, as the zoo's does): raises ValueError if the object's tokens do not line up."""
-    items = []
-    for i, st in enumerate(stories):
-        text, colour, obj = st["text"], st["colour"], st["object"]
-        try:
-            recall_at = text.index(f" the {colour} {obj}.", text.index("Later, "))
-            planted_at = text.index(f" {colour} {obj}.")
-        except ValueError:
-            raise ValueError(f"story {i} has no planted and recalled '{colour} {obj}'") from None
-        ids = tuple(tokenizer.encode(text))
-        query = len(tokenizer.encode(text[:recall_at + len(f" the {colour}")])) - 1
-        planted = len(tokenizer.encode(text[:planted_at + len(f" {colour}")]))
-        if not (0 < planted < query + 1 < len(ids)) or ids[planted] != ids[query + 1]:
-            raise ValueError(f"story {i}: the object's tokens do not line up (a tokenizer that merges across words?)")
-        items.append(RecallItem(ids, query, ids[query + 1], query - planted, int(st["recall_distance"])))
-    return items
-
-
-@torch.no_grad()
-def recall_hits(model, items: list[RecallItem], pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """(N,) bool: does the model's top-1 next token at each item's `query` equal its `target` (teacher-forced,
-    right-padded batches: a causal model never sees the padding)."""
-    check_int("pad_id", pad_id, 0)
-    check_int("batch_size", batch_size, 1)
-    if not items:
-        raise ValueError("items is empty")
-    hits = []
-    for s in range(0, len(items), batch_size):
-        chunk = items[s:s + batch_size]
-        T = max(it.query + 1 for it in chunk)
-        x = torch.full((len(chunk), T), pad_id, dtype=torch.long)
-        for b, it in enumerate(chunk):
-            x[b, :it.query + 1] = torch.tensor(it.ids[:it.query + 1])
-        logits = model(x)[0]                                                  # (B, T, V)
-        q = torch.tensor([it.query for it in chunk])
-        pred = logits[torch.arange(len(chunk)), q].argmax(-1)                 # (B,)
-        hits.append(pred == torch.tensor([it.target for it in chunk]))
-    return torch.cat(hits)
-
+# Recall of the planted object at a distance ("Mia had a red kite. ... Later, Mia found the red kite."): the items
+# and their scoring live in shared.data (the zoo scores its base with them too); this folder bins them by distance.
 
 def accuracy_by_bin(hits: torch.Tensor, distances, edges) -> list[tuple[int, int]]:
     """(successes, n) of `hits` (N,) bool per distance bin [edges[i], edges[i+1]) (len(edges) - 1 bins)."""

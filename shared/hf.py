@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .model import GPT, GPTConfig, Attention, MLP, RMSNorm
+from .model import GPT, GPTConfig, Attention, MLP, RMSNorm, load_weights
 
 
 def _check_llama_shaped(model: GPT) -> None:
@@ -67,10 +67,7 @@ def to_hf(model: GPT, tokenizer=None):
     hf = LlamaForCausalLM(llama_config(model.cfg, tokenizer))
     ours = model.state_dict()
     theirs = {v: ours[k].detach().clone() for k, v in _key_map(model.cfg.n_layer).items()}
-    missing, unexpected = hf.load_state_dict(theirs, strict=False)
-    missing = [k for k in missing if not (model.cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
+    load_weights(hf, theirs, tied=model.cfg.tie_embeddings)
     if model.cfg.tie_embeddings:
         hf.tie_weights()
     return hf.eval()
@@ -124,8 +121,4 @@ def from_hf(hf_model_or_path) -> GPT:
     state = {k: theirs[v] for k, v in _key_map(cfg.n_layer).items() if v in theirs}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
-    return model.eval()
+    return load_weights(model, state).eval()

@@ -404,6 +404,26 @@ class GPT(nn.Module):
 PickNext = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (logits (B, V), ids so far (B, T)) -> (B,) ids
 
 
+def state_dict_untied(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as contiguous tensors, without `lm_head.weight` when the model ties it to the token embedding
+    (one tensor under two names: safetensors refuses shared storage, and `load_weights` re-ties it)."""
+    tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+    return {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], tied: bool | None = None) -> nn.Module:
+    """Load `state` into `model` strictly, except that a tied `lm_head.weight` may be absent (it is the token
+    embedding). `tied` defaults to the model's `cfg.tie_embeddings`. Raises RuntimeError naming the missing and
+    unexpected keys. The one place the tied-head rule lives (the zoo, the HF bridge and the folders call it)."""
+    if tied is None:
+        tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 def greedy_next(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The most likely token of each row: (B, V) -> (B,)."""
     return logits.argmax(dim=-1)

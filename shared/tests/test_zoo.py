@@ -134,3 +134,160 @@ def test_recipe_may_fix_the_recall_distance_range():
         assert zoo.recipe_hash(recipe) != zoo.recipe_hash(TINY)
     finally:
         zoo.RECIPES.pop("tiny-recall-test", None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shipped entries: committed weights, verified and loaded, never trained at run time.
+SHIPPED_NAME = "stories-base"
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a shipped entry must never be trained at run time")
+    monkeypatch.setattr(zoo, "_build", refuse)
+
+
+@pytest.mark.parametrize("seed", zoo.SHIPPED[SHIPPED_NAME])
+def test_shipped_seeds_load_without_training_and_recall(seed, monkeypatch, no_training):
+    monkeypatch.setenv("LLMP_ZOO_SEED", str(seed))
+    assert zoo.entry_dir(SHIPPED_NAME) == zoo.shipped_dir(SHIPPED_NAME, seed)
+    model, tok = zoo.load(SHIPPED_NAME)
+    meta = zoo.meta(SHIPPED_NAME)
+    assert meta["hash"] == zoo.recipe_hash(zoo._recipe(SHIPPED_NAME)) and meta["params"] == model.num_params()
+    assert not model.training and len(tok) == model.cfg.vocab_size and len(tok) == 781
+    # Targets measured at build time on held-out stories and committed in meta.json: recall at every distance,
+    # and the cost per token, hold for both seeds.
+    met = zoo.targets_met(meta["targets"])
+    assert met["recall"] and met["cost"]
+    log = meta["training_log"]["loss_every_step"]
+    assert len(log) == zoo.RECIPES[SHIPPED_NAME]["train"]["steps"] and log[-1] < log[0] / 3
+
+
+# Seed 1 recalls the object at every distance but has not learned to recall the colour (its colour recall stays at
+# the control), which keeps it 6.7 % over the floor, and its object recall is spread over 6 layer-0 heads: issue #49
+# stays open on these two targets. The strict xfail turns into a failure the day a rebuilt seed 1 meets them.
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.xfail(
+    strict=True, reason="seed 1: 6.7 % over the floor (no colour recall), 6 heads carry the recall"))])
+def test_shipped_seeds_reach_the_floor_through_few_heads(seed):
+    meta = json.loads((zoo.verify_shipped(SHIPPED_NAME, seed) / "meta.json").read_text())
+    met = zoo.targets_met(meta["targets"])
+    assert met["floor"] and met["heads"]
+
+
+def test_report_prints_every_target_for_every_shipped_seed(no_training):
+    text = zoo.report(SHIPPED_NAME)
+    assert text.count("-> met") + text.count("-> NOT met") == 4 * len(zoo.SHIPPED[SHIPPED_NAME])
+    assert text.count("seed ") >= len(zoo.SHIPPED[SHIPPED_NAME]) and "recall by filler sentences" in text
+
+
+@pytest.fixture
+def shipped_copy(tmp_path, monkeypatch):
+    """The shipped folders copied to tmp_path, which becomes SHIPPED_DIR (so a test may damage them)."""
+    import shutil
+
+    shutil.copytree(zoo.SHIPPED_DIR, tmp_path / "zoo")
+    monkeypatch.setattr(zoo, "SHIPPED_DIR", tmp_path / "zoo")
+    return tmp_path / "zoo"
+
+
+def test_corrupted_shipped_weights_are_refused_not_retrained(shipped_copy, no_training):
+    weights = zoo.shipped_dir(SHIPPED_NAME, 0) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])                 # truncated
+    with pytest.raises(RuntimeError, match="sha256.*python -m shared.zoo build stories-base --seed 0"):
+        zoo.load(SHIPPED_NAME)
+    (zoo.shipped_dir(SHIPPED_NAME, 0) / "model.safetensors").unlink()
+    with pytest.raises(RuntimeError, match="model.safetensors is missing"):
+        zoo.load(SHIPPED_NAME)
+
+
+def test_an_edited_recipe_no_longer_matches_its_shipped_weights(monkeypatch, no_training):
+    changed = json.loads(json.dumps(zoo.RECIPES[SHIPPED_NAME]))
+    changed["train"]["lr"] *= 2
+    monkeypatch.setitem(zoo.RECIPES, SHIPPED_NAME, changed)
+    with pytest.raises(RuntimeError, match="recipe changed.*python -m shared.zoo build stories-base --seed 0"):
+        zoo.load(SHIPPED_NAME)
+
+
+def test_an_unshipped_seed_of_a_shipped_name_goes_to_the_cache(cache, monkeypatch):
+    monkeypatch.setenv("LLMP_ZOO_SEED", "7")
+    assert zoo.entry_dir(SHIPPED_NAME).parent == cache
+
+
+def test_replay_follows_the_shipped_training_log():
+    """Retrain the first 40 steps of seed 0 and compare with the committed log: catches a changed recipe, data,
+    tokenizer, schedule or training step without a full rebuild. Bits differ across CPUs and thread counts, so the
+    comparison has a tolerance: 0.02 nats at any step (a changed batch, lr or init moves early losses by > 0.1)."""
+    meta = json.loads((zoo.shipped_dir(SHIPPED_NAME, 0) / "meta.json").read_text())
+    logged = meta["training_log"]["loss_every_step"][:40]
+    replayed = zoo.replay(SHIPPED_NAME, steps=40, seed=0)
+    assert max(abs(a - b) for a, b in zip(replayed, logged)) < 0.02
+
+
+def test_a_build_leaves_the_callers_random_state_alone(cache):
+    import random
+
+    torch.manual_seed(123)
+    random.seed(123)
+    zoo.load("tiny-test")                               # cold cache: trains
+    after_build = (torch.rand(3), random.random())
+    torch.manual_seed(123)
+    random.seed(123)
+    zoo.load("tiny-test")                               # warm cache: loads
+    after_load = (torch.rand(3), random.random())
+    assert torch.equal(after_build[0], after_load[0]) and after_build[1] == after_load[1]
+
+
+def test_curriculum_draws_its_first_steps_from_the_short_recall_corpus(cache):
+    recipe = json.loads(json.dumps(TINY))
+    recipe["data"]["curriculum"] = {"steps": 2, "seed": 5, "min_recall": 1, "max_recall": 1, "seq_len": 8,
+                                    "batch_size": 3}
+    zoo.register("tiny-curriculum-test", recipe)
+    try:
+        _, tok, train_ids, _, _, batches = zoo._prepare(zoo._recipe("tiny-curriculum-test"))
+        g = torch.Generator().manual_seed(0)
+        first = [batches(g)[0] for _ in range(3)]
+        from shared import data
+        short = data.encode_corpus(tok, data.stories(n_train=200, n_val=0, n_test=0, seed=5, min_recall=1,
+                                                     max_recall=1)["train"]["text"])
+        g = torch.Generator().manual_seed(0)
+        expect = [data.random_windows(short, 8, 3, g)[0], data.random_windows(short, 8, 3, g)[0],
+                  data.random_windows(train_ids, 32, 4, g)[0]]
+        assert all(torch.equal(a, b) for a, b in zip(first, expect))
+        bad = json.loads(json.dumps(recipe))
+        bad["data"]["curriculum"] = {"steps": 2}
+        with pytest.raises(ValueError, match="curriculum"):
+            zoo.register("bad", bad)
+        bad["data"]["curriculum"] = dict(recipe["data"]["curriculum"], steps=3)   # not before the last step
+        with pytest.raises(ValueError, match="curriculum steps"):
+            zoo.register("bad", bad)
+    finally:
+        zoo.RECIPES.pop("tiny-curriculum-test", None)
+
+
+def test_ablate_heads_zeroes_one_head_and_restores_the_model():
+    from shared.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, d_model=32)).eval()
+    x = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        plain = model(x)[0]
+        with zoo.ablate_heads(model, [(1, 2)]):
+            ablated = model(x)[0]
+            o = model.blocks[1].attn.o_proj
+            seen = {}
+            h = o.register_forward_pre_hook(lambda m, a: seen.setdefault("in", a[0]))
+            model(x)
+            h.remove()
+        after = model(x)[0]
+    D = model.cfg.head_dim
+    assert not torch.allclose(plain, ablated) and torch.equal(plain, after)
+    assert torch.equal(seen["in"][..., 2 * D:3 * D], torch.zeros_like(seen["in"][..., 2 * D:3 * D]))
+    assert seen["in"][..., :2 * D].abs().sum() > 0
+
+
+def test_flops_per_token_counts_matmuls():
+    # 1 layer, d 32, 2 heads, SwiGLU d_ff 96, vocab 10: q,k,v,o 4*32*32 + mlp 3*32*96 + head 32*10; context 4
+    cfg = {"block_size": 8, "n_layer": 1, "n_head": 2, "d_model": 32, "d_ff": 96}
+    assert zoo.forward_flops_per_token(cfg, 10, 4) == 2 * (4 * 32 * 32 + 3 * 32 * 96 + 32 * 10) + 4 * 1 * 4 * 32
