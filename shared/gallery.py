@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .layout import ROOT, project_folders
+
 
 def show_results(claim: str, numbers: dict) -> None:
     """Print a project's headline claim and its key numbers, one per line, in the form the gallery reads.
@@ -40,7 +42,6 @@ def show_results(claim: str, numbers: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # The generator: committed notebooks -> thumbnails + README section.
-ROOT = Path(__file__).resolve().parent.parent
 THUMBS = Path("docs") / "gallery"               # relative to the repo root
 START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
 THUMB_WIDTH = 480                                # pixels: enough to read a figure's shape, small in bytes
@@ -55,10 +56,6 @@ class Entry:
     numbers: list[tuple[str, str]] = field(default_factory=list)
     png: bytes | None = None                     # the headline figure as committed
     problems: list[str] = field(default_factory=list)
-
-
-def project_folders(root: Path = ROOT) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and re.match(r"^\d\d-", p.name))
 
 
 def _title(folder: Path) -> str:

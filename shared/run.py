@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from .layout import ROOT, project_folders
 
 
 def find_notebooks(prefixes: list[str]) -> list[Path]:
-    folders = sorted(p for p in ROOT.iterdir() if p.is_dir() and p.name[:2].isdigit() and p.name[2:3] == "-")
+    folders = project_folders(ROOT)
     if prefixes:
         unknown = [x for x in prefixes if not any(f.name.startswith(x) for f in folders)]
         if unknown:

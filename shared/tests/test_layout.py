@@ -9,19 +9,18 @@ Project folders never import each other, and `shared` never imports a project fo
 from __future__ import annotations
 
 import ast
-import re
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from shared.layout import ROOT, project_folders
+
 EXEMPT = {"conftest.py", "__init__.py"}          # pytest and packages give these their own names
-PROJECT = re.compile(r"^\d\d-")
 
 
 def bare_modules(root: Path) -> dict[str, list[Path]]:
     """Module name -> files, for every .py imported under its bare name: project folders and shared/tests."""
     found = defaultdict(list)
-    folders = [p for p in root.iterdir() if p.is_dir() and PROJECT.match(p.name)] + [root / "shared" / "tests"]
+    folders = project_folders(root) + [root / "shared" / "tests"]
     for folder in folders:
         for path in folder.rglob("*.py"):
             if path.name not in EXEMPT and not any(part.startswith(".") for part in path.relative_to(root).parts):
@@ -69,3 +68,12 @@ def test_imports_point_one_way():
             assert not foreign, f"{path} imports {sorted(foreign)} from another folder"
     for path in (ROOT / "shared").glob("*.py"):
         assert not imported_roots(path) & set(modules), f"shared/{path.name} imports a project folder's module"
+
+
+def test_pytest_testpaths_list_every_project_folder():
+    """pytest collects only `testpaths`: a new folder missing there would be skipped silently by CI."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert config["testpaths"] == ["shared"] + [p.name for p in project_folders(ROOT)], \
+        "add the new project folder to pyproject.toml's testpaths (CONTRIBUTING.md: Adding notebook 17)"
