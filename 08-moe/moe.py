@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shared.model import GPT, GPTConfig, MLP
+from shared.model import GPT, GPTConfig, MLP, load_weights
 from shared.hf import llama_config_kwargs
 from shared.validate import check_int
 
@@ -301,10 +301,7 @@ def to_mixtral(model: MoEGPT, tokenizer=None):
     if wrong:
         raise ValueError("this MoEGPT cannot be exported to Mixtral: " + ", ".join(wrong))
     hf = MixtralForCausalLM(mixtral_config(model, tokenizer))
-    missing, unexpected = hf.load_state_dict(mixtral_state_dict(model), strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
+    load_weights(hf, mixtral_state_dict(model), tied=cfg.tie_embeddings)
     if cfg.tie_embeddings:
         hf.tie_weights()
     return hf.eval()
