@@ -415,27 +415,3 @@ def collapse_distance(edges, accuracy, threshold: float) -> int | None:
         if seen and a < threshold:
             return int(lo)
     return None
-
-
-# The zoo entry `stories-recall`, a model that learns the recall (register it with `shared.zoo.register`):
-# stories recall after 1-2 filler sentences (12-27 tokens), 2 layers, d=128, 8 heads of 16, batches of 32 x 128, a
-# constant learning rate after warm-up. The recall is learned in a jump (object recall
-# at full attention goes from the majority guess, ~0.17, to ~1.00 within a few hundred steps) whose timing depends on
-# the seed far more than on the recipe. Measured in prototypes of the zoo's training loop (held-out stories, every
-# 100 steps): 4 heads (2 KV), batches of 8, cosine: seed 0 jumped at 600-900, seed 1 not in 2400; 8 heads, batches of
-# 8: seeds 0 and 1 by 600 and 400, seed 2 not in 1200; 8 heads, batches of 16, cosine over 1500: seed 2 at 700-900,
-# but the same with cosine over 1000 (zoo builds): neither seed 0 nor seed 1; 8 heads, batches of 16, constant lr
-# (2 threads): seed 1 at 300-400, seed 0 only at 1400-1500; 8 heads, 128-token windows in batches of 32, constant
-# lr (1 thread): seeds 1, 2, 3 by 300-400, seed 0 not in 1500. A cache trained on another machine
-# follows another trajectory, so a recipe the notebook can rely on needs a jump that comes well before its last step
-# on every seed tried; none of those had one (one seed in four, or more, stayed on the plateau). The same with recall
-# after 1-2 fillers only (this recipe, 1 thread, scored on 1-4): all four seeds jumped, seeds 0-3 at steps 300-400,
-# 200-300, 500-700 and 100-200 (recall at 1-2 fillers 1.00 by the end; at 3-4 fillers, never trained, 0.64-1.00).
-# Built through the zoo (2 threads, 1500 steps, ~460 s on 2 busy cores) on seeds 0 and 1: both recall 1.00 at every
-# distance on held-out stories; the notebook uses it.
-RECALL_RECIPE = {
-    "data": {"corpus": "stories", "n_train": 20000, "n_val": 1000, "seed": 0, "min_recall": 1, "max_recall": 2},
-    "tokenizer": {"vocab_size": 1024},
-    "model": {"block_size": 128, "n_layer": 2, "n_head": 8, "n_kv_head": 8, "d_model": 128},
-    "train": {"steps": 1500, "batch_size": 32, "lr": 5e-3, "min_lr_ratio": 1.0, "seed": 0},
-}

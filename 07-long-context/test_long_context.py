@@ -453,10 +453,3 @@ def test_accuracy_by_bin_and_collapse():
         lc.accuracy_by_bin(hits, dist, [0, 0])
     with pytest.raises(ValueError, match="one accuracy per bin"):
         lc.collapse_distance([0, 10], [0.5, 0.5], 0.5)
-
-
-def test_recall_recipe_is_a_valid_zoo_recipe():
-    from shared import zoo
-    zoo.register("stories-recall", lc.RECALL_RECIPE)        # validates every section and key
-    d = lc.RECALL_RECIPE["data"]
-    assert d["corpus"] == "stories" and 1 <= d["min_recall"] <= d["max_recall"]
