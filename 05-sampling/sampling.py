@@ -14,16 +14,20 @@ Decoding with a model is `shared.model.decode` (the one loop of the repository) 
 
 Metrics for the sampled text: `entropy` of a (filtered) next-token distribution, `distinct_n`,
 `repetition_rate`, `longest_copy`, `perplexity` of a continuation under the model, and `wilson` intervals
-for fractions.
+for fractions. Coherence measured without the model: `judge_story` asks the story corpus's own generator
+(`shared.data.story_logprob`) whether it could have written a continuation, split into finished / grammatical /
+recall right, and `permutation_chance` is the per-opening chance control for the recall.
 """
 from __future__ import annotations
 
 import html
 import math
 import numbers
+import re
 
 import torch
 
+from shared.data import story_logprob
 from shared.model import decode
 from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls sampling.wilson)
 
@@ -364,6 +368,55 @@ def longest_copy(ids) -> tuple[int, int]:
             if run > best[0]:
                 best = (run, lag)
     return best
+
+
+# ----------------------------------------------------------------------------------------------------------
+# coherence without the model: the story generator's own verdict
+
+RECALL = re.compile(r"Later, \w+ [a-z ]+? the (\w+) (\w+)\.")      # "Later, Tom hugged the green shoe."
+
+
+def judge_story(prompt_text: str, continuation: str | None, planted: tuple[str, str]) -> dict:
+    """The corpus generator's verdict on one continuation of a story opening that planted `planted`
+    = (colour, object). `continuation` is the text up to the first end-of-text, or None if the token budget ran
+    out first (the story did not finish). Returns a dict:
+
+    - `finished`: an end-of-text came within the budget;
+    - `grammatical`: finished, and the generator can write the story once the recall sentence's colour and
+      object are set to the planted ones (so a wrong recall alone does not count against the grammar);
+    - `recalled`: the (colour, object) named by the first recall sentence ("Later, ... the red ball."), or None;
+    - `object_right` / `pair_right`: the recall names the planted object / colour and object;
+    - `logprob`: the generator's exact natural-log probability of the grammatical story (-inf otherwise);
+    - `valid`: the generator can write the story exactly as it stands (grammatical and the recall right).
+    """
+    if not (isinstance(planted, tuple) and len(planted) == 2 and all(isinstance(w, str) for w in planted)):
+        raise TypeError(f"planted must be a (colour, object) tuple of str, got {planted!r}")
+    text = continuation or ""
+    m = RECALL.search(text)
+    recalled = m.groups() if m else None
+    if continuation is not None and m:
+        text = text[:m.start(1)] + " ".join(planted) + text[m.end(2):]
+    logprob = story_logprob(prompt_text + text) if continuation is not None else -math.inf
+    grammatical = logprob > -math.inf
+    return {"finished": continuation is not None, "grammatical": grammatical, "recalled": recalled,
+            "object_right": recalled is not None and recalled[1] == planted[1],
+            "pair_right": recalled == planted, "logprob": logprob, "valid": grammatical and recalled == planted}
+
+
+def permutation_chance(recalled: list, planted: list, key=lambda pair: pair) -> float:
+    """Chance control for a recall rate, per opening and over the same openings: for opening i, the fraction of
+    the *other* openings j whose recall `key(recalled[j])` equals `key(planted[i])` (a recall of None never
+    matches), averaged over all openings. It is the recall rate of a decoder that names what it names
+    anyway, regardless of what this story planted. recalled, planted: lists of equal length N >= 2."""
+    if len(recalled) != len(planted) or len(planted) < 2:
+        raise ValueError(f"recalled and planted must have the same length >= 2, got {len(recalled)}, {len(planted)}")
+    counts: dict = {}
+    for r in recalled:
+        if r is not None:
+            counts[key(r)] = counts.get(key(r), 0) + 1
+    n = len(planted)
+    own = [r is not None and key(r) == key(p) for r, p in zip(recalled, planted)]   # j = i is not "another"
+    return sum((counts.get(key(p), 0) - o) / (n - 1) for p, o in zip(planted, own)) / n
 
 
 # ----------------------------------------------------------------------------------------------------------

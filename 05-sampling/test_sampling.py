@@ -296,3 +296,38 @@ def test_generate_bad_arguments():
         S.generate(m, [[0, 1]], 2)
     with pytest.raises(TypeError, match="use_cache"):                  # decode caches only a shared GPT
         S.generate(m, torch.zeros(1, 1, dtype=torch.long), 2, use_cache=True)
+
+
+# --- coherence without the model ------------------------------------------------------------------------------
+
+def test_judge_story_splits_finished_grammar_and_recall():
+    from shared.data import StoryGenerator, story_logprob
+    st = StoryGenerator(seed=3).sample()
+    cut = st.text.index(f"{st.colour} {st.object}.") + len(f"{st.colour} {st.object}.")
+    prompt, rest, plant = st.text[:cut], st.text[cut:], (st.colour, st.object)
+    real = S.judge_story(prompt, rest, plant)
+    assert real["finished"] and real["grammatical"] and real["valid"] and real["pair_right"]
+    assert real["logprob"] == pytest.approx(st.logprob) and real["logprob"] == story_logprob(st.text)
+    other = next(o for o in ("ball", "key", "map", "shoe") if o != st.object)
+    wrong = S.judge_story(prompt, rest.replace(f"the {st.colour} {st.object}.", f"the {st.colour} {other}."), plant)
+    assert wrong["grammatical"] and not wrong["valid"] and not wrong["object_right"]
+    assert wrong["recalled"] == (st.colour, other) and wrong["logprob"] == real["logprob"]
+    broken = S.judge_story(prompt, rest.replace(" felt ", " felt felt ", 1), plant)
+    assert broken["finished"] and not broken["grammatical"] and broken["logprob"] == -math.inf
+    unfinished = S.judge_story(prompt, None, plant)
+    assert not unfinished["finished"] and not unfinished["grammatical"] and unfinished["recalled"] is None
+    with pytest.raises(TypeError, match="planted"):
+        S.judge_story(prompt, rest, ["red", "ball"])
+
+
+def test_permutation_chance_by_hand():
+    planted = [("red", "ball"), ("red", "ball"), ("blue", "key")]
+    # a decoder that always says "red ball": opening 0 matches openings 1 and 2 (2/2), opening 1 likewise,
+    # opening 2 none -> (1 + 1 + 0) / 3
+    assert S.permutation_chance([("red", "ball")] * 3, planted) == pytest.approx(2 / 3)
+    # a perfect recaller: opening 0 matched by opening 1 (1/2), 1 by 0 (1/2), 2 by nobody -> 1/3
+    assert S.permutation_chance(planted, planted) == pytest.approx(1 / 3)
+    assert S.permutation_chance([None, None, None], planted) == 0.0
+    assert S.permutation_chance([("x", "ball"), None, None], planted, key=lambda p: p[1]) == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="same length"):
+        S.permutation_chance([None], planted)
