@@ -9,11 +9,12 @@ keeps only the K key/value heads, so its bytes per token fall by G. Two ways to 
 
 `GroupedAttention` plugs into `shared.model.GPT(cfg, attn_factory=...)` (same parameter names as shared's
 `Attention`, so checkpoints load both ways) and keeps its cache in preallocated buffers that grow by doubling.
-`LatentAttention` caches one low-rank latent per token (DeepSeek-V2's multi-head latent attention, simplified:
-see its docstring). `convert_to_gqa` mean-pools a trained checkpoint's key/value heads (Ainslie et al. 2023).
+`LatentAttention` caches one low-rank latent and one small RoPE key per token (DeepSeek-V2's multi-head latent
+attention), naive (keys rebuilt from the latents every step) or absorbed (key up-projection folded into the query).
+`convert_to_gqa` mean-pools a trained checkpoint's key/value heads (Ainslie et al. 2023).
 
 Shapes: B batch, T new tokens, S keys (cached + new), C = d_model, H query heads, K key/value heads,
-G = H // K queries per key/value head, D head_dim, R latent rank.
+G = H // K queries per key/value head, D head_dim, R latent rank, Dr the latent attention's RoPE key dims.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.model import GPT, Attention, GPTConfig, apply_rope, rope_table
+from shared.train import train
 
 KERNELS = ("grouped", "repeat", "sdpa")
 
@@ -179,52 +181,93 @@ class GroupedAttention(Attention):
 
 
 class LatentAttention(nn.Module):
-    """Multi-head latent attention (DeepSeek-V2 style), simplified: x (B, T, C) -> (B, T, C).
+    """Multi-head latent attention (DeepSeek-V2), x (B, T, C) -> (B, T, C), in two equal forms.
 
-    The cache holds one latent c = x W_down of R numbers per token (not 2 K D keys/values). Every step
-    reconstructs all H heads' keys k = c W_k_up and values v = c W_v_up from it, rotates the keys by RoPE at
-    their positions, and runs plain multi-head attention.
-    Simplification: DeepSeek-V2 cannot rotate reconstructed keys because it folds W_k_up into the query at
-    inference (so keys are never rebuilt); it therefore caches a separate small RoPE key (64 dims, shared by
-    the heads, "decoupled RoPE") beside the latent. We rebuild the keys instead, which makes RoPE on them exact
-    and the cache exactly R numbers per token, at the price of R x H x D x 2 multiply-adds per cached token per step.
+    The cache holds, per token, one latent c = x W_down of R numbers and one RoPE key k_r of `rope_dim` = Dr numbers
+    shared by all heads ("decoupled RoPE"): R + Dr numbers, not 2 K D. Head h scores a cached token by
+    q_h . (W_k_up,h c) + q_r,h . k_r (scale 1 / sqrt(D + Dr)) and reads the value W_v_up,h c.
+
+    * `absorbed=False` (naive): every step rebuilds all H heads' keys and values from every cached latent
+      (2 R H D multiply-adds per cached token per step), then runs plain multi-head attention.
+    * `absorbed=True`: the key up-projection is folded into the query, q_lat,h = W_k_up,h^T q_h (R numbers, once per
+      new token), so scores are q_lat . c + q_r . k_r: MQA with one key "head" of R + Dr dims read straight from the
+      cache; the value up-projection is applied once to the attention-weighted latent (H, R) -> (H, D).
+      Keys are never rebuilt, which is why the RoPE part must be decoupled: a rotation between W_k_up and the
+      query would depend on the key's position and could not be folded.
+
+    Simplifications vs DeepSeek-V2: no low-rank query compression, no norm on the latent.
+    `rope_dim` defaults to head_dim // 2 (DeepSeek: 64 of 128) with pos='rope', 0 with pos='none'.
     """
 
-    def __init__(self, cfg: GPTConfig, layer_idx: int = 0, rank: int = 32):
+    def __init__(self, cfg: GPTConfig, layer_idx: int = 0, rank: int = 32, rope_dim: int | None = None,
+                 absorbed: bool = False):
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
         if cfg.pos not in ("rope", "none"):
             raise ValueError(f"LatentAttention supports pos='rope' or 'none', got {cfg.pos!r}")
-        self.cfg, self.layer_idx, self.rank = cfg, layer_idx, rank
+        rope_dim = (cfg.head_dim // 2 if cfg.pos == "rope" else 0) if rope_dim is None else rope_dim
+        _check_latent(rank, rope_dim, cfg.pos)
+        self.cfg, self.layer_idx, self.rank, self.rope_dim, self.absorbed = cfg, layer_idx, rank, rope_dim, absorbed
         H, D, C = cfg.n_head, cfg.head_dim, cfg.d_model
-        self.q_proj = nn.Linear(C, H * D, bias=False)
-        self.kv_down = nn.Linear(C, rank, bias=False)     # x -> latent c (the only thing cached)
-        self.k_up = nn.Linear(rank, H * D, bias=False)    # c -> keys of all heads
-        self.v_up = nn.Linear(rank, H * D, bias=False)    # c -> values of all heads
+        self.q_proj = nn.Linear(C, H * D, bias=False)             # content part of the queries
+        self.kv_down = nn.Linear(C, rank, bias=False)             # x -> latent c (cached)
+        self.k_up = nn.Linear(rank, H * D, bias=False)            # c -> keys of all heads (naive) / folded into q
+        self.v_up = nn.Linear(rank, H * D, bias=False)            # c -> values of all heads
+        if rope_dim:
+            self.q_rope = nn.Linear(C, H * rope_dim, bias=False)  # rotated query part, per head
+            self.k_rope = nn.Linear(C, rope_dim, bias=False)      # rotated key part, one for all heads (cached)
         self.o_proj = nn.Linear(H * D, C, bias=False)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: dict | None = None) -> torch.Tensor:
         cfg = self.cfg
         B, T, C = x.shape
-        H, D = cfg.n_head, cfg.head_dim
+        H, D, R, Dr = cfg.n_head, cfg.head_dim, self.rank, self.rope_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)              # (B, H, T, D)
-        c = self.kv_down(x)                                               # (B, T, R)
+        new = self.kv_down(x)                                             # (B, T, R)
+        qr = None
+        if Dr:
+            cos, sin = rope_table(start_pos, T, Dr, cfg.rope_theta, x.device, x.dtype)
+            qr = apply_rope(self.q_rope(x).view(B, T, H, Dr).transpose(1, 2), cos, sin)   # (B, H, T, Dr)
+            new = torch.cat([new, apply_rope(self.k_rope(x), cos, sin)], -1)               # (B, T, R + Dr)
         if cache is not None:
-            (c,) = _append(cache, ("c",), (c,), start_pos)               # (B, S, R): past + new
-        S = c.shape[1]
-        k = self.k_up(c).view(B, S, H, D).transpose(1, 2)                # (B, H, S, D), rebuilt every step
-        v = self.v_up(c).view(B, S, H, D).transpose(1, 2)
-        if cfg.pos == "rope":
-            cos, sin = rope_table(0, S, D, cfg.rope_theta, x.device, q.dtype)
-            q, k = apply_rope(q, cos[S - T:], sin[S - T:]), apply_rope(k, cos, sin)
-        y = attend_sdpa(q, k, v, causal=cfg.causal)
+            (new,) = _append(cache, ("latent",), (new,), start_pos)      # (B, S, R + Dr): past + new
+        latent = new
+        S = latent.shape[1]
+        mask = causal_mask(T, S, x.device) if cfg.causal and T > 1 else None
+        if self.absorbed:
+            w_k = self.k_up.weight.view(H, D, R)
+            q_lat = torch.einsum("bhtd,hdr->bhtr", q, w_k)                # (B, H, T, R): W_k_up folded into q
+            q_all = q_lat if qr is None else torch.cat([q_lat, qr], -1)   # (B, H, T, R + Dr)
+            scores = (q_all.reshape(B, H * T, R + Dr) @ latent.transpose(1, 2)).view(B, H, T, S)
+            scores = scores / math.sqrt(D + Dr)                           # one "key head" for all H queries
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            o_lat = scores.softmax(-1).view(B, H * T, S) @ latent[..., :R]                  # (B, H*T, R)
+            y = torch.einsum("bhtr,hdr->bhtd", o_lat.view(B, H, T, R), self.v_up.weight.view(H, D, R))
+        else:
+            c = latent[..., :R]
+            k = self.k_up(c).view(B, S, H, D).transpose(1, 2)            # (B, H, S, D), rebuilt every step
+            v = self.v_up(c).view(B, S, H, D).transpose(1, 2)
+            if qr is not None:
+                q = torch.cat([q, qr], -1)                                # (B, H, T, D + Dr)
+                k = torch.cat([k, latent[:, None, :, R:].expand(B, H, S, Dr)], -1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1 / sqrt(D + Dr)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
     def fill_cache(self, cache: dict, batch_size: int, length: int, generator: torch.Generator | None = None):
-        """Put `length` random tokens' latents in `cache` (for timing a decode step at a long context)."""
-        c = torch.randn(batch_size, length, self.rank, generator=generator, dtype=self.q_proj.weight.dtype)
-        _append(cache, ("c",), (c,), 0)
+        """Put `length` random tokens' latents (and RoPE keys) in `cache` (for timing a decode step at a long context)."""
+        c = torch.randn(batch_size, length, self.rank + self.rope_dim, generator=generator,
+                        dtype=self.q_proj.weight.dtype)
+        _append(cache, ("latent",), (c,), 0)
+
+
+def _check_latent(rank, rope_dim, pos: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if isinstance(rope_dim, bool) or not isinstance(rope_dim, int) or rope_dim < 0 or rope_dim % 2:
+        raise ValueError(f"rope_dim must be an even int >= 0, got {rope_dim!r}")
+    if pos == "rope" and rope_dim == 0:
+        raise ValueError("pos='rope' needs rope_dim > 0: keys rebuilt from the latent carry no position "
+                         "(DeepSeek-V2's decoupled RoPE key)")
 
 
 def grouped_factory(kernel: str = "grouped") -> Callable[[GPTConfig, int], GroupedAttention]:
@@ -234,11 +277,11 @@ def grouped_factory(kernel: str = "grouped") -> Callable[[GPTConfig, int], Group
     return lambda cfg, layer_idx: GroupedAttention(cfg, layer_idx, kernel)
 
 
-def latent_factory(rank: int) -> Callable[[GPTConfig, int], LatentAttention]:
-    """attn_factory building `LatentAttention(cfg, i, rank)`."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-    return lambda cfg, layer_idx: LatentAttention(cfg, layer_idx, rank)
+def latent_factory(rank: int, rope_dim: int | None = None,
+                   absorbed: bool = False) -> Callable[[GPTConfig, int], LatentAttention]:
+    """attn_factory building `LatentAttention(cfg, i, rank, rope_dim, absorbed)`."""
+    _check_latent(rank, 0 if rope_dim is None else rope_dim, "none")
+    return lambda cfg, layer_idx: LatentAttention(cfg, layer_idx, rank, rope_dim, absorbed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,7 +438,55 @@ def similarity_groups(distances: torch.Tensor, n_kv_head: int, worst: bool = Fal
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Memory as the operating system sees it
+# Uptraining, and the control for "what attention gives"
+def uptrain(model: nn.Module, train_tokens: torch.Tensor, val: Callable[[nn.Module], float],
+            eval_at: Sequence[int], lr: float, **train_kw) -> dict[int, float]:
+    """Continue training `model` in place at the constant learning rate `lr` for max(eval_at) steps; return
+    {step: val(model)} at step 0 and after every step count in `eval_at`.
+
+    Pass the learning rate pre-training ended with, so that uptraining continues the schedule instead of jumping
+    (`shared.train.train` with `lr_schedule`, a fresh AdamW, no warm-up). The rate being constant, the loss after n
+    steps is that of an n-step budget: one run gives every budget. `train_kw`: other arguments of `train`.
+    """
+    eval_at = sorted({int(n) for n in eval_at})
+    if not eval_at or eval_at[0] < 1:
+        raise ValueError(f"eval_at must be step counts >= 1, got {eval_at}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    curve = {0: val(model)}
+
+    def on_step(step, m, loss):
+        if step + 1 in eval_at:
+            curve[step + 1] = val(m)
+
+    train(model, train_tokens, steps=eval_at[-1], lr=lr, lr_schedule=lambda step: lr, on_step=on_step, **train_kw)
+    return curve
+
+
+class BigramModel(nn.Module):
+    """The best a model without attention can do, estimated: p(next | current token) from counts of a token stream
+    (plus `smoothing` per pair). idx (B, T) -> logits (B, T, V) and the mean cross-entropy, like a shared GPT, so
+    `shared.train.evaluate` scores it on the same windows. A transformer whose attention is removed sees only the
+    current token at each position: its loss cannot beat this table's (up to the estimate's error)."""
+
+    def __init__(self, tokens: torch.Tensor, vocab_size: int, smoothing: float = 0.1):
+        super().__init__()
+        if tokens.dim() != 1 or len(tokens) < 2:
+            raise ValueError(f"tokens must be 1-D with >= 2 entries, got shape {tuple(tokens.shape)}")
+        if not smoothing > 0:
+            raise ValueError(f"smoothing must be > 0, got {smoothing!r}")
+        counts = torch.full((vocab_size, vocab_size), float(smoothing))
+        counts.index_put_((tokens[:-1], tokens[1:]), torch.ones(len(tokens) - 1), accumulate=True)
+        self.log_probs = nn.Parameter((counts / counts.sum(1, keepdim=True)).log(), requires_grad=False)  # (V, V)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.log_probs[idx]                                          # (B, T, V)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Moving weights between attention modules
 def copy_model(model: GPT, attn_factory=None) -> GPT:
     """The same weights in a GPT built with another attention module (state-dict keys must match)."""
     new = GPT(copy.deepcopy(model.cfg), attn_factory=attn_factory)

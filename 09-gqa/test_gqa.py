@@ -51,7 +51,7 @@ def test_module_equals_shared_attention_and_cached_decode_equals_recompute(n_kv,
 
 def test_decode_with_cache_equals_without():
     torch.manual_seed(1)
-    for factory in (gqa.grouped_factory("grouped"), gqa.latent_factory(16)):
+    for factory in (gqa.grouped_factory("grouped"), gqa.latent_factory(16), gqa.latent_factory(16, absorbed=True)):
         model = GPT(cfg(2), attn_factory=factory).eval()
         prompt = torch.randint(0, 97, (2, 4))
         assert torch.equal(decode(model, prompt, 40, greedy_next), decode(model, prompt, 40, greedy_next, use_cache=False))
@@ -70,16 +70,59 @@ def test_hf_llama_with_num_key_value_heads():
 
 def test_latent_attention_with_identity_down_projection_is_mha():
     torch.manual_seed(3)
-    mha = GPT(cfg(8, n_layer=1)).eval()
-    mla = GPT(cfg(8, n_layer=1), attn_factory=gqa.latent_factory(64)).eval()
-    state = {k: v for k, v in mha.state_dict().items() if "k_proj" not in k and "v_proj" not in k}
-    a = mha.blocks[0].attn
-    state.update({"blocks.0.attn.kv_down.weight": torch.eye(64), "blocks.0.attn.k_up.weight": a.k_proj.weight,
-                  "blocks.0.attn.v_up.weight": a.v_proj.weight})
-    mla.load_state_dict(state)
+    mha = GPT(cfg(8, n_layer=1, pos="none")).eval()
     idx = torch.randint(0, 97, (2, 12))
+    for absorbed in (False, True):
+        mla = GPT(cfg(8, n_layer=1, pos="none"), attn_factory=gqa.latent_factory(64, absorbed=absorbed)).eval()
+        state = {k: v for k, v in mha.state_dict().items() if "k_proj" not in k and "v_proj" not in k}
+        a = mha.blocks[0].attn
+        state.update({"blocks.0.attn.kv_down.weight": torch.eye(64), "blocks.0.attn.k_up.weight": a.k_proj.weight,
+                      "blocks.0.attn.v_up.weight": a.v_proj.weight})
+        mla.load_state_dict(state)
+        with torch.no_grad():
+            torch.testing.assert_close(mla(idx)[0], mha(idx)[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("pos,rope_dim", [("rope", 4), ("rope", None), ("none", 0)])
+def test_absorbed_latent_attention_equals_naive_and_caches_rank_plus_rope_dims(pos, rope_dim):
+    torch.manual_seed(5)
+    naive = GPT(cfg(8, pos=pos), attn_factory=gqa.latent_factory(12, rope_dim)).eval()
+    absorbed = gqa.copy_model(naive, gqa.latent_factory(12, rope_dim, absorbed=True))
+    idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
-        torch.testing.assert_close(mla(idx)[0], mha(idx)[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(absorbed(idx)[0], naive(idx)[0], atol=ATOL, rtol=0)
+        caches = [{} for _ in absorbed.blocks]
+        steps = [absorbed(idx[:, :6], caches=caches)[0]] + [absorbed(idx[:, t:t + 1], start_pos=t, caches=caches)[0]
+                                                         for t in range(6, 20)]
+        torch.testing.assert_close(torch.cat(steps, 1), naive(idx)[0], atol=ATOL, rtol=0)
+    dr = absorbed.blocks[0].attn.rope_dim
+    assert dr == (0 if pos == "none" else rope_dim or 4)            # default: head_dim // 2 = 4 with RoPE
+    assert gqa.cache_bytes(caches) == gqa.latent_bytes_per_token(2, 12, dr) * 2 * 20
+
+
+def test_uptrain_is_train_at_a_constant_rate_and_evaluates_at_each_budget():
+    from shared.train import train
+    tokens = torch.randint(0, 97, (2000,))
+    torch.manual_seed(6)
+    a = GPT(cfg(2)).train()
+    b = gqa.copy_model(a).train()
+    seen = []
+    curve = gqa.uptrain(a, tokens, lambda m: seen.append(m.training) or float(len(seen)), (3, 1), lr=1e-3,
+                        batch_size=2, seq_len=16, seed=3, progress=False)
+    hist = train(b, tokens, steps=3, lr=1e-3, lr_schedule=lambda s: 1e-3, batch_size=2, seq_len=16, seed=3,
+                 progress=False)
+    assert list(curve) == [0, 1, 3] and hist.lr == [1e-3] * 3
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_bigram_model_matches_counts():
+    tokens = torch.tensor([0, 1, 0, 1, 0, 2])                        # after 0: 1 twice, 2 once
+    model = gqa.BigramModel(tokens, 3, smoothing=1.0)
+    probs = model(torch.tensor([[0]]))[0][0, 0].exp()
+    torch.testing.assert_close(probs, torch.tensor([1 / 6, 3 / 6, 2 / 6]))
+    loss = model(torch.tensor([[0, 1]]), torch.tensor([[1, 0]]))[1]
+    torch.testing.assert_close(loss, -(torch.tensor(3 / 6).log() + torch.tensor(3 / 5).log()) / 2)   # after 1: 0 twice
 
 
 def test_conversion_mean_pools_and_keeps_function_when_heads_are_equal():
@@ -140,6 +183,10 @@ def test_byte_formulas():
     (lambda: gqa.grouped_factory("nope"), ValueError),
     (lambda: gqa.latent_factory(0), ValueError),
     (lambda: gqa.LatentAttention(cfg(), rank=1.5), ValueError),
+    (lambda: gqa.LatentAttention(cfg(), rank=8, rope_dim=0), ValueError),
+    (lambda: gqa.LatentAttention(cfg(), rank=8, rope_dim=3), ValueError),
+    (lambda: gqa.uptrain(GPT(cfg(2)), torch.zeros(100, dtype=torch.long), float, (), lr=1e-3), ValueError),
+    (lambda: gqa.BigramModel(torch.zeros(1, dtype=torch.long), 3), ValueError),
     (lambda: gqa.convert_to_gqa("model", 2), TypeError),
     (lambda: gqa.convert_to_gqa(GPT(cfg(2)), 1), ValueError),
     (lambda: gqa.convert_to_gqa(GPT(cfg(8)), 3), ValueError),
