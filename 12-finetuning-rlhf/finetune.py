@@ -20,7 +20,7 @@ from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls 
 __all__ = ["TASKS", "ROLE_TOKENS", "CHAT_TEMPLATE", "fact_sentence", "qa_examples", "add_chat_tokens", "collate",
            "completion_loss", "finetune", "generate_answers", "grade", "exact_match", "category_prior_answers", "prior_answer_loss",
            "LoRALinear", "trainable_parameters", "adamw_state_bytes", "wilson", "sequence_logprobs",
-           "bradley_terry_loss", "dpo_loss", "true_preference",
+           "bradley_terry_loss", "dpo_loss", "true_preference", "preference_pairs", "frequency_ranker", "pair_batches",
            "masked_mean", "gae", "kl_estimate", "ppo_policy_loss", "ppo_value_loss", "PolicyWithValue",
            "sample_responses", "response_logprobs", "rlhf_rewards", "ppo_step"]
 
@@ -351,7 +351,27 @@ def preference_pairs(examples, categories: dict, seed: int = 0, kinds=PAIR_KINDS
             bad = rng.choice([w for w in categories[field] if w != e["answer"]])
         good = " ".join([e["answer"]] * 3) if chosen_rambling and rng.random() < chosen_rambling else e["answer"]
         out.append({"prompt": e["prompt"], "chosen": f" {good}{eos}", "rejected": f" {bad}{eos}",
-                    "kind": kind, "answer": e["answer"]})
+                    "kind": kind, "answer": e["answer"], "task": e["task"]})
+    return out
+
+
+def frequency_ranker(train_rows, pairs, eos: str = "<|endoftext|>") -> list[float]:
+    """The control for a reward model that reads no story: rank a pair by how often each side's first word is the
+    asked field's value in the training stories (a frequency prior, Zipf-like for these fields). Per pair: 1 if
+    that puts the chosen side first, 0.5 on a tie (same first word, or equally frequent), 0 otherwise. On
+    wrong-value pairs it scores above 0.5 whenever the right values are the frequent ones: the level a reward
+    model must beat before it can be said to read the fact."""
+    from collections import Counter
+
+    if not isinstance(pairs, (list, tuple)) or not pairs:
+        raise ValueError("pairs must be a non-empty list of dicts with task, chosen, rejected")
+    freq = {task: Counter(r[field] for r in train_rows) for task, (_, field) in TASKS.items()}
+    first = lambda s: (s.replace(eos, "").split() or [""])[0]
+    out = []
+    for p in pairs:
+        f = freq[p["task"]]
+        c, r = f[first(p["chosen"])], f[first(p["rejected"])]
+        out.append(1.0 if c > r else 0.5 if c == r else 0.0)
     return out
 
 

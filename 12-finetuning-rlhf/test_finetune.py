@@ -235,6 +235,21 @@ def test_preference_pairs_with_a_rambling_chosen_side_still_follow_the_true_func
             ft.preference_pairs(ex, cats, kinds=kinds, chosen_rambling=bad)
 
 
+def test_frequency_ranker_prefers_the_frequent_value():
+    rows = [{"name": "Tom", "animal": "cat", "colour": "red", "object": "map"}] * 3 + \
+           [{"name": "Mia", "animal": "dog", "colour": "blue", "object": "hat"}]
+    q = ft.qa_examples(rows[:1], tasks=["colour"])[0]
+    pair = lambda chosen, rejected: {**q, "chosen": f" {chosen}<|endoftext|>", "rejected": f" {rejected}<|endoftext|>"}
+    # red is the colour of 3 of 4 stories, blue of 1, green of none; 'cat' is no colour at all
+    got = ft.frequency_ranker(rows, [pair("red", "blue"), pair("blue", "red"), pair("red", "red red red"),
+                                     pair("blue", "cat"), pair("green", "cat")])
+    assert got == [1.0, 0.0, 0.5, 1.0, 0.5]
+    pairs = ft.preference_pairs(two_story_examples(5), PAIR_CATS, seed=0)
+    assert all("task" in p for p in pairs) and len(ft.frequency_ranker(rows, pairs)) == len(pairs)
+    with pytest.raises(ValueError, match="non-empty"):
+        ft.frequency_ranker(rows, [])
+
+
 # ---------------------------------------------------------------------------------------------------- PPO pieces
 
 def test_gae_hand_example_and_closed_forms():
