@@ -3,7 +3,7 @@
 The pieces, in the order the notebook builds them:
 
 * ``CausalSelfAttention`` -- explicit softmax(Q K^T / sqrt(d_head)) V with a causal mask, and four Q/K/V
-  ablations (tie Q and K, identity V, frozen Q and K, no output projection).
+  ablations (tie Q and K, identity V, uniform attention (no Q and K), no output projection).
 * ``MLP`` -- Linear -> GELU -> Linear, the position-wise feed-forward layer.
 * ``Block`` -- attention and MLP joined by residual connections and normalisation, in the pre-norm
   (``x + f(norm(x))``, GPT-2/Llama) or post-norm (``norm(x + f(x))``, the 2017 Transformer) placement,
@@ -36,7 +36,7 @@ from shared.validate import check_int
 
 NORMS = ("layer", "rms", "none")
 PLACEMENTS = ("pre", "post")
-QKV_VARIANTS = ("full", "tied_qk", "identity_v", "frozen_qk", "no_o")
+QKV_VARIANTS = ("full", "tied_qk", "identity_v", "uniform_attn", "no_o")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -90,8 +90,9 @@ class MiniConfig:
 
     qkv: "full" (standard attention), "tied_qk" (K uses Q's matrix: symmetric scores), "identity_v"
     (W_V = I: head h's value is the fixed slice x[..., h*D:(h+1)*D] of the block's input; W_O still mixes),
-    "frozen_qk" (Q and K stay at their random init), "no_o" (W_O = I: head h writes straight into channels
-    h*D:(h+1)*D of the residual stream).
+    "uniform_attn" (no W_Q, W_K: every query averages its visible past with equal weights, the attention that
+    small random Q and K give), "no_o" (W_O = I: head h writes straight into channels h*D:(h+1)*D of the
+    residual stream).
     """
     vocab_size: int
     block_size: int = 64
@@ -138,18 +139,15 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim, self.variant = cfg.n_head, cfg.head_dim, cfg.qkv
         C = cfg.d_model
-        self.q_proj = nn.Linear(C, C, bias=cfg.bias)
+        # uniform_attn: no Q and K at all, every score is 0, so each query averages its visible past.
+        self.q_proj = None if cfg.qkv == "uniform_attn" else nn.Linear(C, C, bias=cfg.bias)
         # tied_qk: K *is* Q's matrix, so score(i, j) = q_i . q_j is symmetric in i and j.
-        self.k_proj = self.q_proj if cfg.qkv == "tied_qk" else nn.Linear(C, C, bias=cfg.bias)
+        self.k_proj = self.q_proj if cfg.qkv in ("tied_qk", "uniform_attn") else nn.Linear(C, C, bias=cfg.bias)
         # identity_v: no learned "what to send": head h's value is the fixed channel slice h*D:(h+1)*D of the
         # block's input (W_O below still mixes the heads' outputs).
         self.v_proj = nn.Identity() if cfg.qkv == "identity_v" else nn.Linear(C, C, bias=cfg.bias)
         # no_o: heads are written back without the mixing matrix Wo.
         self.o_proj = nn.Identity() if cfg.qkv == "no_o" else nn.Linear(C, C, bias=cfg.bias)
-        if cfg.qkv == "frozen_qk":
-            # Random fixed Q and K: the pattern of who-attends-to-whom cannot be learned.
-            self.q_proj.requires_grad_(False)
-            self.k_proj.requires_grad_(False)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         B, T, C = t.shape
@@ -158,8 +156,12 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, return_weights: bool = False):
         """x (B, T, C) -> out (B, T, C); with return_weights also the (B, H, T, T) attention weights."""
         B, T, C = x.shape
-        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)           # (B, H, T, T)
+        v = self._heads(self.v_proj(x))
+        if self.q_proj is None:                                               # uniform_attn
+            scores = x.new_zeros(B, self.n_head, T, T)
+        else:
+            q, k = self._heads(self.q_proj(x)), self._heads(self.k_proj(x))
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)       # (B, H, T, T)
         allowed = causal_mask(T, device=x.device)                              # (T, T) True = may attend
         weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # rows sum to 1
         out = (weights @ v).transpose(1, 2).reshape(B, T, C)                  # (B, T, C) heads concatenated
@@ -289,6 +291,18 @@ def load_from_gpt(mini: MiniFormer, gpt: nn.Module) -> MiniFormer:
     return mini
 
 
+def xavier_init_(model: MiniFormer) -> MiniFormer:
+    """Re-initialise every Linear of the blocks with std 1/sqrt(fan_in) (variance-preserving, the 2017 Transformer's
+    scale and the setting of Xiong et al. 2020's post-norm analysis), without GPT-2's 1/sqrt(2 n_layer) shrink of
+    the residual branches. In place; returns the model. Embeddings and the tied head keep their init."""
+    _check_type("model", model, MiniFormer)
+    with torch.no_grad():
+        for module in model.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=1 / math.sqrt(module.in_features))
+    return model
+
+
 def block_grad_norms(model: MiniFormer) -> torch.Tensor:
     """L2 norm of the gradient of each block's parameters after a backward pass: (n_layer,)."""
     norms = []
@@ -365,3 +379,83 @@ def causal_mask(T: int, device=None) -> torch.Tensor:
     """
     check_int("T", T, 1)
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a task that needs two layers: look-up by induction
+
+def induction_batch(generator: torch.Generator, batch_size: int, seq_len: int, vocab_size: int,
+                    min_len: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences that only an induction head can finish: x, y (B, T), y = -100 except where scored.
+
+    Each row starts with a segment S of P distinct random tokens (P uniform in [min_len, max_len], so no fixed
+    offset or position finds the answer), then query/answer pairs: a query is a random token of S (not its last),
+    its answer the token that followed it in S. Only the answers are scored (y at a query position). Finding the
+    answer needs two hops that one attention layer cannot chain: find the earlier copy of the query, then read the
+    token *after* it; a position only knows its predecessor after an earlier layer has copied it there
+    (a previous-token head). Chance for a model without that: ``induction_chance``.
+    """
+    check_int("max_len", max_len, 2)
+    check_int("min_len", min_len, 2)
+    if not min_len <= max_len <= min(vocab_size, seq_len - 2):
+        raise ValueError(f"need 2 <= min_len <= max_len <= min(vocab_size, seq_len - 2), got min_len={min_len}, "
+                         f"max_len={max_len}, vocab_size={vocab_size}, seq_len={seq_len}")
+    B, T = batch_size, seq_len
+    P = torch.randint(min_len, max_len + 1, (B, 1), generator=generator)                   # (B, 1) length of S
+    S = torch.rand(B, vocab_size, generator=generator).argsort(dim=1)[:, :max_len]          # (B, max_len) distinct
+    n_pairs = (T + 1) // 2
+    query = (torch.rand(B, n_pairs, generator=generator) * (P - 1)).long()                 # (B, n) index in 0..P-2
+    pairs = torch.stack([query, query + 1], dim=-1).flatten(1)                             # (B, 2n) q, answer
+    t = torch.arange(T + 1)
+    k = t[None, :] - P                                                                     # (B, T+1) index into pairs
+    src = torch.where(k < 0, t[None, :].clamp(max=max_len - 1), pairs.gather(1, k.clamp(0, 2 * n_pairs - 1)))
+    seq = S.gather(1, src)                                                                 # (B, T+1)
+    x, y = seq[:, :-1], seq[:, 1:].clone()
+    scored = (k[:, :-1] >= 0) & (k[:, :-1] % 2 == 0)                                       # x is a query
+    y[~scored] = -100
+    return x, y
+
+
+def induction_chance(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(loss in nats, accuracy) of the best guess without induction on ``induction_batch`` rows x, y (B, T):
+    uniform over the tokens of S that can be an answer (all but S's first, since an answer follows something)
+    except the query itself. Averaged over scored positions."""
+    B, T = x.shape
+    seen = (x[:, :, None] == x[:, None, :]).tril(-1).any(-1)                               # (B, T) a repeat
+    P = seen.float().argmax(dim=1)                                                         # (B,) first repeat = len(S)
+    first = x[:, 0]                                                                        # (B,)
+    n_cand = (P[:, None] - 1 - (x != first[:, None]).long()).float()                       # (B, T)
+    n_cand = n_cand[y != -100]
+    return n_cand.log().mean().item(), n_cand.reciprocal().mean().item()
+
+
+@torch.no_grad()
+def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean loss (nats) and top-1 accuracy of ``model`` on the scored positions (y != -100) of x, y (B, T)."""
+    was_training = model.training
+    model.eval()
+    logits, loss = model(x, y)
+    scored = y != -100
+    acc = (logits.argmax(-1)[scored] == y[scored]).float().mean().item()
+    model.train(was_training)
+    return loss.item(), acc
+
+
+def head_scores(maps: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two attention patterns per layer and head, from ``attention_maps`` (each (B, H, T, T)) on rows x (B, T):
+
+    previous-token score: mean weight a query puts on the position just before it;
+    induction score: mean weight a query that repeats an earlier token puts on the position right *after* that
+    earlier copy (where the answer sits). Returns two (n_layer, H) tensors in [0, 1].
+    """
+    W = torch.stack(maps)                                                                  # (L, B, H, T, T)
+    T = x.shape[1]
+    prev = W.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(1, 3))                        # (L, H)
+    same = (x[:, :, None] == x[:, None, :]).tril(-1)                                       # (B, T, T) j < i, same token
+    target = torch.zeros_like(same)
+    target[:, :, 1:] = same[:, :, :-1]                                                     # j+1 where x[j] == x[i]
+    target &= torch.ones(T, T, dtype=torch.bool).tril()                                    # visible only
+    rows = target.any(-1)                                                                  # (B, T) has a target
+    mass = (W * target[None, :, None]).sum(-1)                                             # (L, B, H, T)
+    ind = (mass * rows[None, :, None]).sum(dim=(1, 3)) / rows.sum()                        # (L, H)
+    return prev, ind

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from miniformer import (Block, CausalSelfAttention, MiniConfig, MiniFormer, block_grad_norms, causal_mask,
-                        grad_norms_on_batch, load_from_gpt, overfit_one_batch, torch_reference_block)
+                        grad_norms_on_batch, head_scores, induction_batch, induction_chance, load_from_gpt,
+                        loss_and_accuracy, overfit_one_batch, torch_reference_block, xavier_init_)
 
 # fp32 sums of ~64 products in a different order: differences ~1e-7, so 1e-5 is tight but safe.
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -174,10 +175,7 @@ def test_qkv_variants_change_exactly_what_they_say():
     assert tied.num_params() == full - 2 * C * C
     assert MiniFormer(tiny(qkv="identity_v")).num_params() == full - 2 * C * C
     assert MiniFormer(tiny(qkv="no_o")).num_params() == full - 2 * C * C
-    frozen = MiniFormer(tiny(qkv="frozen_qk"))
-    assert frozen.num_params() == full
-    trainable = sum(p.numel() for p in frozen.parameters() if p.requires_grad)
-    assert trainable == full - 2 * 2 * C * C
+    assert MiniFormer(tiny(qkv="uniform_attn")).num_params() == full - 2 * 2 * C * C
 
 
 def test_tied_qk_scores_are_symmetric():
@@ -190,14 +188,86 @@ def test_tied_qk_scores_are_symmetric():
     torch.testing.assert_close(scores, scores.transpose(-2, -1), rtol=0, atol=1e-6)
 
 
-def test_frozen_qk_get_no_gradient_and_do_not_move():
+def test_uniform_attn_averages_the_visible_past():
     torch.manual_seed(0)
-    model = MiniFormer(tiny(qkv="frozen_qk"))
-    before = model.blocks[0].attn.q_proj.weight.clone()
-    x = torch.randint(0, 50, (4, 16))
-    overfit_one_batch(model, x, x.roll(-1, 1), steps=5)
-    assert model.blocks[0].attn.q_proj.weight.grad is None
-    torch.testing.assert_close(model.blocks[0].attn.q_proj.weight, before, rtol=0, atol=0)
+    attn = CausalSelfAttention(tiny(qkv="uniform_attn"))
+    x = torch.randn(2, 6, 32)
+    out, weights = attn(x, return_weights=True)
+    expected = causal_mask(6).float() / torch.arange(1, 7)[:, None]           # row i: 1/(i+1) on keys 0..i
+    torch.testing.assert_close(weights, expected.expand(2, 4, 6, 6), rtol=0, atol=1e-7)
+    mean_past = attn.v_proj(x).cumsum(1) / torch.arange(1, 7)[None, :, None]  # (B, T, C) running mean of values
+    torch.testing.assert_close(out, attn.o_proj(mean_past), **TOL)
+
+
+# ---------------------------------------------------------------- the induction task
+def test_induction_batch_layout():
+    g = torch.Generator().manual_seed(0)
+    x, y = induction_batch(g, 64, 32, 40, 6, 14)
+    assert x.shape == y.shape == (64, 32) and x.dtype == torch.long
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        P = next(i for i, t in enumerate(row_x) if t in row_x[:i])            # first repeat = len(S)
+        S = row_x[:P]
+        assert 6 <= P <= 14 and len(set(S)) == P                              # distinct segment of random length
+        scored = [i for i, t in enumerate(row_y) if t != -100]
+        assert scored == list(range(P, 32, 2))                                # every query, nothing else
+        for i in scored:                                                      # the answer follows the query in S
+            assert row_x[i] in S[:-1] and row_y[i] == S[S.index(row_x[i]) + 1]
+    with pytest.raises(ValueError, match="min_len <= max_len"):
+        induction_batch(g, 2, 32, 40, 10, 8)
+    with pytest.raises(ValueError, match="min_len <= max_len"):
+        induction_batch(g, 2, 12, 40, 6, 14)                                  # no room for a query
+
+
+def test_induction_chance_against_brute_force():
+    x, y = induction_batch(torch.Generator().manual_seed(1), 32, 24, 30, 3, 8)
+    losses = []
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        P = next(i for i, t in enumerate(row_x) if t in row_x[:i])
+        for i, t in enumerate(row_y):
+            if t != -100:                                                     # answers: S[1:], minus the query
+                losses.append(math.log(len(set(row_x[1:P]) - {row_x[i]})))
+    loss, acc = induction_chance(x, y)
+    assert loss == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    assert acc == pytest.approx(sum(math.exp(-l) for l in losses) / len(losses), abs=1e-5)
+
+
+def test_an_oracle_scores_and_head_scores_find_planted_patterns():
+    x, y = induction_batch(torch.Generator().manual_seed(2), 8, 20, 30, 4, 6)
+    scored = y != -100
+
+    class Oracle(torch.nn.Module):                                            # logits: the true answer wins
+        def forward(self, idx, targets):
+            logits = torch.zeros(*idx.shape, 30)
+            logits[scored] = F.one_hot(y[scored], 30).float() * 20
+            return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    loss, acc = loss_and_accuracy(Oracle(), x, y)
+    assert acc == 1.0 and loss < 1e-6
+    T = 20
+    prev_map = torch.zeros(T, T)
+    prev_map[0, 0] = 1
+    prev_map[torch.arange(1, T), torch.arange(T - 1)] = 1                     # every query on i - 1
+    uniform = causal_mask(T).float() / torch.arange(1, T + 1)[:, None]
+    induction = torch.zeros(8, T, T)                                          # a query on the token after its earlier copy
+    for b, row in enumerate(x.tolist()):
+        for i in range(T):
+            after = [j + 1 for j in range(i) if row[j] == row[i]]
+            induction[b, i, after if after else [i]] = 1.0 / max(1, len(after))
+    maps = [torch.stack([prev_map.expand(8, T, T), uniform.expand(8, T, T)], 1),
+            torch.stack([uniform.expand(8, T, T), induction], 1)]              # 2 layers, (B, H=2, T, T) each
+    prev, ind = head_scores(maps, x)
+    assert prev.shape == ind.shape == (2, 2)
+    assert prev[0, 0] == pytest.approx(1.0) and prev[0, 1] < 0.3      # the planted head, not the uniform one
+    assert ind[1, 1] == pytest.approx(1.0) and ind[1, 0] < 0.3 and ind[0].max() < 0.5
+
+
+def test_xavier_init_is_variance_preserving():
+    torch.manual_seed(0)
+    model = xavier_init_(MiniFormer(tiny(d_model=64, d_ff=256, n_layer=4)))
+    for name, p in model.blocks.named_parameters():
+        if p.dim() == 2:
+            assert p.std().item() == pytest.approx(1 / math.sqrt(p.shape[1]), rel=0.1), name
+    with pytest.raises(TypeError, match="model must be a MiniFormer"):
+        xavier_init_(torch.nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------- training sanity
