@@ -434,3 +434,78 @@ def saturation_sweep(d_heads: Sequence[int], n_keys: int = 64, n_queries: int = 
         out["max_weight"].append(weights.detach().amax(-1).mean().item())
         out["score_grad_norm"].append(scores.grad.norm(dim=-1).mean().item())
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the positive control: induction heads in a 2-layer attention-only model on repeated random tokens
+
+class NoMLP(nn.Module):
+    """A block's MLP slot left empty: returns zeros (B, T, C), so the residual stream gets attention only.
+    Hand it to `GPT(cfg, mlp_factory=lambda cfg, i: NoMLP())` for an attention-only transformer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def repeated_random_batch(gen: torch.Generator, batch_size: int, seq_len: int, vocab_size: int,
+                          min_period: int, max_period: int, loss_on_repeat_only: bool = True):
+    """The canonical induction task: uniform random tokens whose last p tokens repeat the p before them.
+
+    Each row draws its own period p in [min_period, max_period], so no fixed positional offset solves it: the
+    model must find where the current token occurred before and read the token after it. Returns x, y (B, T)
+    with T = seq_len (y = x shifted by one) and repeat (B, T) bool, True where y is a token of the second copy
+    (predictable from context). With loss_on_repeat_only, y is -100 elsewhere (unpredictable positions carry no
+    gradient; evaluation uses the plain targets of `loss_on_repeat_only=False`).
+    """
+    check_int("batch_size", batch_size, 1)
+    check_int("vocab_size", vocab_size, 2)
+    check_int("min_period", min_period, 1)
+    check_int("max_period", max_period, min_period)
+    check_int("seq_len", seq_len, 2 * max_period)
+    n = seq_len + 1                                                               # x and y from one row of n
+    raw = torch.randint(0, vocab_size, (batch_size, n), generator=gen)
+    p = torch.randint(min_period, max_period + 1, (batch_size, 1), generator=gen)  # (B, 1) period per row
+    pos = torch.arange(n)[None]                                                   # (1, n)
+    second = pos >= n - p                                                         # (B, n) the second copy
+    rows = torch.gather(raw, 1, torch.where(second, pos - p, pos))                # copy the p tokens before
+    x, y, repeat = rows[:, :-1], rows[:, 1:].clone(), second[:, 1:]
+    if loss_on_repeat_only:
+        y[~repeat] = -100
+    return x, y, repeat
+
+
+def per_token_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy (nats) at every position: x, y (B, T) long -> (B, T). Runs in no_grad."""
+    _check_ids("x", x)
+    _check_ids("y", y)
+    if x.shape != y.shape or x.dim() != 2:
+        raise ValueError(f"x and y must both be (B, T), got {tuple(x.shape)} and {tuple(y.shape)}")
+    with torch.no_grad():
+        logits = model(x)[0]                                                      # (B, T, V)
+    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none")          # (B, T)
+
+
+def greedy_ablation(metric: Callable[[], float], heads: Sequence[tuple[int, int]], stop: float,
+                    ablate: Callable) -> tuple[dict, list]:
+    """Which heads carry a behaviour: ablate each head alone, then cumulatively in order of harm until the metric
+    falls to `stop` (e.g. the control's level) or every head is off.
+
+    metric() -> float (higher = the behaviour is intact), measured on the model as it is when called;
+    ablate(list of (layer, head)) -> a context manager that switches those heads off (e.g.
+    `functools.partial(zoo.ablate_heads, model)`). Returns ({head: metric with that head alone off},
+    [(heads off so far, metric), ...]).
+    """
+    heads = list(heads)
+    if not heads:
+        raise ValueError("heads is empty: nothing to ablate")
+    single = {}
+    for h in heads:
+        with ablate([h]):
+            single[h] = metric()
+    order, cumulative = sorted(heads, key=lambda h: single[h]), []
+    for k in range(1, len(order) + 1):
+        with ablate(order[:k]):
+            cumulative.append((order[:k], metric()))
+        if cumulative[-1][1] <= stop:
+            break
+    return single, cumulative

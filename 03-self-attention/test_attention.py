@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import (MultiHeadAttention, attention_entropy, attention_scores, causal_mask,
-                       earlier_copy_targets, head_score, instance_vs_category, leak, mean_ci, model_attention,
-                       offset_targets, prefix_loss, previous_token_targets, saturation_sweep,
-                       scaled_dot_product_attention)
+from attention import (MultiHeadAttention, NoMLP, attention_entropy, attention_scores, causal_mask,
+                       earlier_copy_targets, greedy_ablation, head_score, instance_vs_category, leak, mean_ci,
+                       model_attention, offset_targets, per_token_loss, prefix_loss, previous_token_targets,
+                       repeated_random_batch, saturation_sweep, scaled_dot_product_attention)
 from shared.model import GPT, GPTConfig
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -309,3 +309,65 @@ def test_errors_analysis_helpers():
         saturation_sweep([])
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         prefix_loss(lambda i: i, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- the induction toy and ablation helpers
+
+def test_repeated_random_batch_repeats_with_each_rows_period():
+    g = torch.Generator().manual_seed(0)
+    x, y, rep = repeated_random_batch(g, 64, 32, 50, 8, 16, loss_on_repeat_only=False)
+    assert x.shape == y.shape == rep.shape == (64, 32)
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])                           # y is x shifted by one
+    full = torch.cat([x, y[:, -1:]], 1)                                       # the 33 tokens of each row
+    periods = rep.sum(1)                                                      # second-copy length = period
+    assert periods.min() >= 8 and periods.max() <= 16 and len(set(periods.tolist())) > 3
+    for b in range(64):
+        p = int(periods[b])
+        torch.testing.assert_close(full[b, -p:], full[b, -2 * p:-p])          # the last p repeat the p before
+        assert not rep[b, : 32 - p].any() and rep[b, 32 - p:].all()
+    _, y_masked, _ = repeated_random_batch(torch.Generator().manual_seed(0), 64, 32, 50, 8, 16)
+    assert (y_masked[~rep] == -100).all() and torch.equal(y_masked[rep], y[rep])
+
+
+@pytest.mark.parametrize("kwargs", [dict(seq_len=31), dict(min_period=0), dict(max_period=7), dict(vocab_size=1)])
+def test_repeated_random_batch_bad_arguments(kwargs):
+    args = dict(batch_size=2, seq_len=32, vocab_size=10, min_period=8, max_period=16) | kwargs
+    with pytest.raises(ValueError):
+        repeated_random_batch(torch.Generator(), **args)
+
+
+def test_no_mlp_gives_attention_only_blocks_and_per_token_loss():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, d_model=16), mlp_factory=lambda c, i: NoMLP())
+    x = torch.randint(0, 20, (3, 8))
+    h = m.blocks[0].norm2(torch.randn(3, 8, 16))
+    assert torch.equal(m.blocks[0].mlp(h), torch.zeros_like(h))
+    y = torch.randint(0, 20, (3, 8))
+    ce = per_token_loss(m, x, y)
+    assert ce.shape == (3, 8)
+    torch.testing.assert_close(ce.mean(), m(x, y)[1], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        per_token_loss(m, x, y[:, :-1])
+
+
+def test_greedy_ablation_orders_by_harm_and_stops_at_the_control():
+    # a fake "model": the metric is 1 minus the summed harm of the heads switched off
+    harm = {(0, 0): 0.5, (0, 1): 0.0, (1, 0): 0.3, (1, 1): 0.1}
+    off = []
+
+    class Off:
+        def __init__(self, heads):
+            self.heads = heads
+
+        def __enter__(self):
+            off.extend(self.heads)
+
+        def __exit__(self, *exc):
+            del off[-len(self.heads):]
+
+    single, cumulative = greedy_ablation(lambda: 1 - sum(harm[h] for h in off), list(harm), 0.25, Off)
+    assert single == {h: 1 - v for h, v in harm.items()}
+    assert [c[0] for c in cumulative] == [[(0, 0)], [(0, 0), (1, 0)]]        # most harmful first, stop at <= 0.25
+    assert cumulative[-1][1] == pytest.approx(0.2) and off == []
+    with pytest.raises(ValueError):
+        greedy_ablation(lambda: 1.0, [], 0.0, Off)
