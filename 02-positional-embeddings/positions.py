@@ -14,8 +14,8 @@ Two families:
 ``attention(q, k, v, scheme=...)`` is the explicit softmax attention with each relative scheme plugged in.
 The references the notebook and the tests both compare with live here once: ``alibi_slopes_paper`` (the ALiBi
 paper's code) and ``hf_llama_rope`` (transformers' Llama rotary embedding). The rest are the small task and
-metrics the notebook uses to break things (first-token task and its blind-model bounds, permutation gap,
-similarity by distance, principal components, loss by position).
+metrics the notebook uses to break things (two order tasks and the exact bounds of blind models, permutation gap,
+similarity by distance, principal components, loss by position, attention entropy).
 """
 
 from __future__ import annotations
@@ -265,69 +265,80 @@ def principal_components(vectors: torch.Tensor, k: int = 3) -> tuple[torch.Tenso
     return coords, explained
 
 
-def first_token_task(n_seqs: int, seq_len: int, vocab_size: int,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """An order task: every position must output the sequence's FIRST token.
+TASKS = ("first", "previous")
 
-    Returns x, y, each (N, T) long. Tokens are distinct within a sequence (a random draw without replacement),
-    so the answer is found only by knowing which token came first (see ``first_token_bounds``).
+
+def order_task(task: str, n_seqs: int, seq_len: int, vocab_size: int,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tasks that need word order: returns x, y, each (N, T) long, y = -100 where a position is not scored.
+
+    Tokens are distinct within a sequence (a random draw without replacement), so an answer is found only by
+    knowing where it sits (see ``order_bounds``).
+      * "first":    every position t = 1 .. T-1 must output the sequence's FIRST token x_0 (position 0 sees only
+                    the answer itself under a causal mask, so it is left out for every model alike).
+      * "previous": every interior position t = 1 .. T-2 must output its left neighbour x_{t-1} (position 0 has
+                    none; position T-1 is left out so that every scored position has two neighbours).
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     check_ints(1, n_seqs=n_seqs, seq_len=seq_len, vocab_size=vocab_size)
     if seq_len > vocab_size:
         raise ValueError(f"seq_len={seq_len} must be <= vocab_size={vocab_size} (tokens are distinct)")
+    if task == "previous" and seq_len < 3:
+        raise ValueError(f"seq_len must be >= 3 for the previous-token task (one interior position), got {seq_len}")
     noise = torch.rand(n_seqs, vocab_size, generator=generator)
     x = noise.argsort(dim=-1)[:, :seq_len]                                      # (N, T) distinct tokens
-    y = x[:, :1].expand(-1, seq_len).clone()                                    # (N, T) all = first token
+    y = torch.full_like(x, -100)
+    if task == "first":
+        y[:, 1:] = x[:, :1]                                                     # all = the first token
+    else:
+        y[:, 1:-1] = x[:, :-2]                                                  # the left neighbour
     return x, y
 
 
-def first_token_batches(batch_size: int, seq_len: int, vocab_size: int):
-    """A batch maker for ``shared.train.train``: ``generator -> (x, y)``, (B, T) each, fresh every call.
-
-    Position 0 is left out of the loss (y[:, 0] = -100) for every model alike: a causal model sees only the
-    answer there.
-    """
+def order_batches(task: str, batch_size: int, seq_len: int, vocab_size: int):
+    """A batch maker for ``shared.train.train``: ``generator -> (x, y)``, (B, T) each, fresh every call."""
     check_ints(1, batch_size=batch_size)
-    first_token_task(1, seq_len, vocab_size)                                    # validates the sizes once
-
-    def batch(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = first_token_task(batch_size, seq_len, vocab_size, generator)
-        y[:, 0] = -100
-        return x, y
-
-    return batch
+    order_task(task, 1, seq_len, vocab_size)                                    # validates the arguments once
+    return lambda generator: order_task(task, batch_size, seq_len, vocab_size, generator)
 
 
-def first_token_bounds(seq_len: int) -> dict[str, dict[str, float]]:
-    """Best accuracy and loss (nats) over the scored positions 1..T-1 for models blind in two ways.
+def order_bounds(task: str, seq_len: int) -> dict[str, dict[str, float]]:
+    """Best accuracy and mean loss (nats) over the scored positions for models blind in two ways.
 
     "order-blind" (permutation-equivariant: no positions, no mask): position t sees the set of tokens and its
-    own token, which is never the answer for t >= 1: best is uniform over the other T-1 tokens,
+    own token, which is never the answer in either task: best is uniform over the other T-1 tokens,
     accuracy 1/(T-1), loss ln(T-1).
     "direction-blind" (reversal-equivariant: symmetric ALiBi, no mask): position t of x and position T-1-t of
-    reversed x get the same output but have different answers (x_0 and x_{T-1}), so at most one of the two is
-    right (loss >= ln 2 each); only position T-1, whose mirror is the unscored position 0, can always be right.
-    That is T/2 right answers out of T-1: accuracy T/(2(T-1)) (8/15 for T = 16), loss (T-2)/(T-1) ln 2.
+    reversed x get the same output.
+      first task: their answers are x_0 and x_{T-1}, so at most one of the two is right (loss >= ln 2 each); only
+      position T-1, whose mirror is the unscored position 0, can always be right: T/2 right answers out of T-1,
+      accuracy T/(2(T-1)), loss (T-2)/(T-1) ln 2.
+      previous task: their answers are x_{t-1} and x_{t+1}, the two neighbours, and every scored position's mirror
+      is scored: accuracy 1/2, loss ln 2 (half on each neighbour).
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     check_ints(1, seq_len=seq_len)
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2 (position 0 is not scored), got {seq_len}")
+    if seq_len < (2 if task == "first" else 3):
+        raise ValueError(f"seq_len must be >= {2 if task == 'first' else 3} for the {task} task, got {seq_len}")
     T = seq_len
-    return {"order-blind": {"accuracy": 1 / (T - 1), "loss": math.log(T - 1)},
-            "direction-blind": {"accuracy": T / (2 * (T - 1)), "loss": (T - 2) / (T - 1) * math.log(2)}}
+    blind = {"order-blind": {"accuracy": 1 / (T - 1), "loss": math.log(T - 1)}}
+    if task == "first":
+        blind["direction-blind"] = {"accuracy": T / (2 * (T - 1)), "loss": (T - 2) / (T - 1) * math.log(2)}
+    else:
+        blind["direction-blind"] = {"accuracy": 0.5, "loss": math.log(2)}
+    return blind
 
 
-def order_accuracy(logits: torch.Tensor, y: torch.Tensor, skip_first: bool = True) -> float:
-    """Fraction of correct argmax predictions: logits (N, T, V), y (N, T).
-
-    skip_first drops position 0, where a causal model sees only the answer itself.
-    """
+def order_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of correct argmax predictions over the scored positions (y != -100): logits (N, T, V), y (N, T)."""
     if logits.dim() != 3 or y.shape != logits.shape[:2]:
         raise ValueError(f"logits must be (N, T, V) and y (N, T), got {tuple(logits.shape)} and {tuple(y.shape)}")
-    start = 1 if skip_first else 0
-    if logits.shape[1] <= start:
-        raise ValueError(f"need T > {start} positions to score, got T={logits.shape[1]}")
-    return (logits[:, start:].argmax(-1) == y[:, start:]).float().mean().item()
+    scored = y != -100
+    if not scored.any():
+        raise ValueError("y has no scored position (every entry is -100)")
+    return (logits.argmax(-1) == y)[scored].float().mean().item()
 
 
 def permutation_gap(fn, idx: torch.Tensor, perm: torch.Tensor) -> float:
@@ -368,3 +379,14 @@ def loss_by_position(model: nn.Module, tokens: torch.Tensor, seq_len: int, n_win
         total += nll.double().sum(0)
     model.train(was_training)
     return (total / n_windows).float()
+
+
+
+def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each query's attention distribution: weights (..., T_q, T_k), rows summing to 1 ->
+    (..., T_q). A query spreading evenly over n keys has entropy ln n; one looking at a single key has 0."""
+    _tensor("weights", weights)
+    if weights.dim() < 2:
+        raise ValueError(f"weights must be (..., T_q, T_k), got shape {tuple(weights.shape)}")
+    w = weights.double()
+    return -(w * w.clamp_min(1e-300).log()).sum(-1)

@@ -207,37 +207,42 @@ def test_similarity_by_distance():
         P.similarity_by_distance(torch.ones(5))
 
 
-def test_first_token_task_distinct_and_uniform():
+def test_order_tasks_distinct_uniform_and_targets():
     generator = torch.Generator().manual_seed(0)
     N, T, V = 20000, 6, 10
-    x, y = P.first_token_task(N, T, V, generator)
+    x, y = P.order_task("first", N, T, V, generator)
     assert x.shape == y.shape == (N, T) and x.dtype == torch.long
     assert all(len(set(row)) == T for row in x[:500].tolist())
-    assert torch.equal(y, x[:, :1].expand(N, T))
+    assert torch.all(y[:, 0] == -100) and torch.equal(y[:, 1:], x[:, :1].expand(N, T - 1))
     # each token is first with probability 1/V: counts within 5 sigma of the binomial mean
     counts = torch.bincount(x[:, 0], minlength=V).double()
     mean, sigma = N / V, math.sqrt(N * (1 / V) * (1 - 1 / V))
     assert (counts - mean).abs().max() < 5 * sigma
+    x, y = P.order_task("previous", 4, T, V, torch.Generator().manual_seed(1))
+    assert torch.all(y[:, 0] == -100) and torch.all(y[:, -1] == -100) and torch.equal(y[:, 1:-1], x[:, :-2])
 
 
-def test_first_token_task_bad_args():
+def test_order_task_bad_args():
     with pytest.raises(ValueError, match="seq_len=11"):
-        P.first_token_task(4, 11, 10)
+        P.order_task("first", 4, 11, 10)
     with pytest.raises(ValueError, match="n_seqs"):
-        P.first_token_task(0, 3, 10)
+        P.order_task("first", 0, 3, 10)
     with pytest.raises(TypeError, match="vocab_size"):
-        P.first_token_task(4, 3, "10")
+        P.order_task("first", 4, 3, "10")
+    with pytest.raises(ValueError, match="task"):
+        P.order_task("last", 4, 3, 10)
+    with pytest.raises(ValueError, match="seq_len must be >= 3"):
+        P.order_task("previous", 4, 2, 10)
 
 
 def test_order_accuracy():
-    y = torch.tensor([[3, 3, 3, 3]])
+    y = torch.tensor([[-100, 3, 3, 3]])
     logits = F.one_hot(torch.tensor([[3, 3, 1, 1]]), 5).float()
-    assert P.order_accuracy(logits, y) == pytest.approx(1 / 3)
-    assert P.order_accuracy(logits, y, skip_first=False) == pytest.approx(0.5)
+    assert P.order_accuracy(logits, y) == pytest.approx(1 / 3)             # position 0 is not scored
     with pytest.raises(ValueError, match="logits"):
         P.order_accuracy(logits[0], y)
-    with pytest.raises(ValueError, match="T > 1"):
-        P.order_accuracy(logits[:, :1], y[:, :1])
+    with pytest.raises(ValueError, match="no scored position"):
+        P.order_accuracy(logits, torch.full_like(y, -100))
 
 
 def test_permutation_gap():
@@ -268,61 +273,84 @@ class TinyOrderModel(nn.Module):
         return logits, loss
 
 
-def test_first_token_batches():
-    batch = P.first_token_batches(8, 5, 9)
+def test_order_batches():
+    batch = P.order_batches("first", 8, 5, 9)
     x, y = batch(torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (8, 5)
     assert torch.all(y[:, 0] == -100) and torch.equal(y[:, 1:], x[:, :1].expand(8, 4))
     x2, _ = batch(torch.Generator().manual_seed(0))
     assert torch.equal(x, x2)                                                  # seeded by the caller's generator
     with pytest.raises(ValueError, match="seq_len=6"):
-        P.first_token_batches(8, 6, 5)
+        P.order_batches("first", 8, 6, 5)
     with pytest.raises(TypeError, match="batch_size"):
-        P.first_token_batches(8.0, 5, 9)
+        P.order_batches("first", 8.0, 5, 9)
 
 
 def test_first_token_task_learned_through_shared_train():
     torch.manual_seed(0)
     V, T = 12, 6
     model = TinyOrderModel(V, T)
-    history = train(model, P.first_token_batches(64, T, V), steps=150, seq_len=T, lr=1e-2, warmup=0,
+    history = train(model, P.order_batches("first", 64, T, V), steps=150, seq_len=T, lr=1e-2, warmup=0,
                     min_lr_ratio=1.0, weight_decay=0.0, grad_clip=None, progress=False)
     losses = history.train_loss
     assert len(losses) == 150 and losses[-1] < 0.5 * losses[0]
-    x, y = P.first_token_task(1000, T, V, torch.Generator().manual_seed(1))
+    x, y = P.order_task("first", 1000, T, V, torch.Generator().manual_seed(1))
     with torch.no_grad():
         accuracy = P.order_accuracy(model(x)[0], y)
     assert accuracy > 3 / T   # an order-blind model can reach 1/(T-1) at best
 
 
-def _best_blind(T, orbit_of):
+def _best_blind(T, orbit_of, answer, scored):
     """Brute force over all orderings of T tokens (V = T): a blind model gives the same output to every
     (sequence, position) in one orbit; the best deterministic answer per orbit is its most frequent target, the
-    best distribution is the targets' frequencies. Returns (accuracy, loss) over positions 1..T-1."""
+    best distribution is the targets' frequencies. Returns (accuracy, loss) over the scored positions."""
     import itertools
     from collections import Counter, defaultdict
     targets = defaultdict(Counter)
     for seq in itertools.permutations(range(T)):
-        for t in range(1, T):
-            targets[orbit_of(seq, t)][seq[0]] += 1
-    n = math.factorial(T) * (T - 1)
+        for t in scored:
+            targets[orbit_of(seq, t)][answer(seq, t)] += 1
+    n = math.factorial(T) * len(scored)
     accuracy = sum(max(c.values()) for c in targets.values()) / n
     loss = -sum(k * math.log(k / sum(c.values())) for c in targets.values() for k in c.values()) / n
     return accuracy, loss
 
 
-@pytest.mark.parametrize("T", [2, 3, 4, 5, 6])
-def test_first_token_bounds_match_brute_force(T):
-    bounds = P.first_token_bounds(T)
+@pytest.mark.parametrize("task", P.TASKS)
+@pytest.mark.parametrize("T", [3, 4, 5, 6])
+def test_order_bounds_match_brute_force(task, T):
+    bounds = P.order_bounds(task, T)
+    answer = (lambda seq, t: seq[0]) if task == "first" else (lambda seq, t: seq[t - 1])
+    scored = range(1, T) if task == "first" else range(1, T - 1)
     # order-blind: the output at t depends on the set of tokens (always all V = T here) and the own token only
-    acc, loss = _best_blind(T, lambda seq, t: seq[t])
+    acc, loss = _best_blind(T, lambda seq, t: seq[t], answer, scored)
     assert acc == pytest.approx(bounds["order-blind"]["accuracy"]) and loss == pytest.approx(bounds["order-blind"]["loss"])
     # direction-blind: (x, t) and (reversed x, T-1-t) share one output
-    acc, loss = _best_blind(T, lambda seq, t: min((seq, t), (seq[::-1], T - 1 - t)))
+    acc, loss = _best_blind(T, lambda seq, t: min((seq, t), (seq[::-1], T - 1 - t)), answer, scored)
     assert acc == pytest.approx(bounds["direction-blind"]["accuracy"])
     assert loss == pytest.approx(bounds["direction-blind"]["loss"])
+
+
+def test_order_bounds_bad_args():
     with pytest.raises(ValueError, match="seq_len"):
-        P.first_token_bounds(1)
+        P.order_bounds("first", 1)
+    with pytest.raises(ValueError, match="seq_len"):
+        P.order_bounds("previous", 2)
+    with pytest.raises(ValueError, match="task"):
+        P.order_bounds("middle", 5)
+
+
+def test_attention_entropy():
+    weights = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.25] * 4])
+    torch.testing.assert_close(P.attention_entropy(weights),
+                               torch.tensor([0.0, math.log(2), math.log(4)], dtype=torch.float64))
+    causal = torch.ones(5, 5).tril()
+    torch.testing.assert_close(P.attention_entropy(causal / causal.sum(-1, keepdim=True)),
+                               torch.log(torch.arange(1, 6, dtype=torch.float64)))   # uniform prefix: ln(t+1)
+    with pytest.raises(ValueError, match="weights"):
+        P.attention_entropy(torch.ones(3))
+    with pytest.raises(TypeError, match="weights"):
+        P.attention_entropy([[1.0]])
 
 
 def test_principal_components():
