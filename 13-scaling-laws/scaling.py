@@ -299,7 +299,7 @@ def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, s
     import time
 
     from shared.data import random_windows
-    from shared.train import make_optimizer
+    from shared.train import make_optimizer, train_step
 
     if not callable(evaluate):
         raise TypeError(f"evaluate must be a callable model -> float, got {type(evaluate).__name__}")
@@ -321,13 +321,7 @@ def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, s
         for group in opt.param_groups:
             group["lr"] = wsd_lr(step, end, lr, warmup, cooldown)
         x, y = random_windows(tokens, seq_len, batch_size, g)
-        _, loss = m(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(m.parameters(), grad_clip)
-        opt.step()
-        return loss.detach()
+        return train_step(m, opt, x, y, grad_clip)             # the shared optimizer step
 
     opt = make_optimizer(model, lr, weight_decay, betas)
     g = torch.Generator().manual_seed(seed)
