@@ -8,6 +8,11 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# nbval compares the committed outputs, which are the cpu size's: pin it, also on a GPU machine (where the size would
+# otherwise switch to gpu, and shared.device() with it). No progress bars: their text would be compared output.
+os.environ.setdefault("LLMP_SIZE", "cpu")
+os.environ["LLMP_PROGRESS"] = "0"
+
 # Under pytest-xdist (`pytest -n 2`: two workers, each executing one notebook at a time) every kernel gets one
 # torch thread: two notebooks side by side with one thread each finish sooner than one after the other with two
 # threads each (a tiny GPT's step gains only 1.4x from a second thread; kernel start, imports and plotting gain

@@ -33,19 +33,30 @@ import torch  # noqa: E402
 
 from .checks import check, checks_table  # noqa: E402
 
-__all__ = ["SIZE", "pick", "device", "seed_everything", "setup_notebook", "versions", "threads", "RunTimer",
+__all__ = ["SIZE", "pick", "device", "progress_bars", "seed_everything", "setup_notebook", "versions", "threads", "RunTimer",
            "check", "checks_table"]
 
 _SIZES = ("cpu", "gpu")
 
 
 def _resolve_size() -> str:
-    """`LLMP_SIZE` if set, else `gpu` when CUDA is available, else `cpu`."""
+    """`LLMP_SIZE` if set, else `gpu` when CUDA is available, else `cpu`.
+
+    The gpu size is only ever chosen where the notebook really runs on the GPU: `LLMP_SIZE=gpu` on a machine
+    without CUDA is refused here (the gpu configs are sized for one modern GPU; on 2 CPU cores they would run for
+    hours to days per notebook). `pytest --nbval` pins `LLMP_SIZE=cpu` (root conftest.py): the committed outputs
+    are the cpu size's, whatever the machine.
+    """
     size = os.environ.get("LLMP_SIZE", "").strip().lower()
+    cuda = torch.cuda.is_available()
     if not size:
-        return "gpu" if torch.cuda.is_available() else "cpu"
+        return "gpu" if cuda else "cpu"
     if size not in _SIZES:
         raise ValueError(f"LLMP_SIZE must be one of {_SIZES}, got {size!r}")
+    if size == "gpu" and not cuda:
+        raise RuntimeError("LLMP_SIZE=gpu needs a CUDA GPU and none is visible (torch.cuda.is_available() is False): "
+                           "the gpu configs would run on this CPU for hours to days per notebook. Unset LLMP_SIZE "
+                           "(or set it to cpu) to run the cpu size.")
     return size
 
 
@@ -58,8 +69,21 @@ def pick(*, cpu, gpu):
 
 
 def device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where models, batches and generators go: CUDA at the gpu size, else the CPU.
+
+    Size and device move together: at the cpu size (the default without CUDA, and what `pytest --nbval` pins)
+    everything runs on the CPU even on a GPU machine, so the outputs are the committed ones.
+    """
+    return torch.device("cuda" if SIZE == "gpu" else "cpu")
+
+
+def progress_bars() -> bool:
+    """Whether long loops show a tqdm bar: yes when a person runs a notebook, no under `pytest --nbval` and
+    `python -m shared.run` (both set `LLMP_PROGRESS=0`: a bar's text would land in compared or committed output)."""
+    value = os.environ.get("LLMP_PROGRESS", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"LLMP_PROGRESS must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def seed_everything(seed: int) -> None:
@@ -76,11 +100,12 @@ def quiet() -> None:
     for key, value in {
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-        "TQDM_DISABLE": "1",
         "TRANSFORMERS_VERBOSITY": "error",
         "TORCH_CPP_LOG_LEVEL": "ERROR",
     }.items():
         os.environ[key] = value
+    if not progress_bars():            # our own bars (shared.train, zoo builds) stay on for a person at a notebook
+        os.environ["TQDM_DISABLE"] = "1"
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     try:

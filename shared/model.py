@@ -429,6 +429,20 @@ def greedy_next(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from probs (B, V): (B,), on probs' device.
+
+    A seeded `torch.Generator` lives on one device and `torch.multinomial` refuses probabilities on another, so the
+    draw happens where the generator is (a CPU generator with CUDA logits samples on the CPU, then moves back):
+    the same seed gives the same draws whichever device the model runs on.
+    """
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be (B, V), got shape {tuple(probs.shape)}")
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.multinomial(probs.to(generator.device), 1, generator=generator)[:, 0].to(probs.device)
+
+
 def sample_next(temperature: float = 1.0, top_k: int | None = None,
                 generator: torch.Generator | None = None) -> PickNext:
     """A picker drawing from softmax(logits / temperature), optionally kept to the top_k logits; 0 = greedy.
@@ -445,7 +459,7 @@ def sample_next(temperature: float = 1.0, top_k: int | None = None,
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+        return draw(logits.softmax(dim=-1), generator)
 
     return pick
 

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell (default 900)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # kernels inherit it (see the root conftest.py)
+    os.environ["LLMP_PROGRESS"] = "0"                       # no progress bar's text in the committed outputs
     notebooks = find_notebooks(args.folders)
     if not notebooks:
         print("no notebooks found")

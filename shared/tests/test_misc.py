@@ -16,16 +16,36 @@ from shared import bench, plotting  # noqa: E402
 
 
 def test_size_switch(monkeypatch):
-    monkeypatch.setenv("LLMP_SIZE", "gpu")
-    assert importlib.reload(shared).pick(cpu=1, gpu=2) == 2
     monkeypatch.setenv("LLMP_SIZE", "cpu")
-    assert importlib.reload(shared).pick(cpu=1, gpu=2) == 1
+    assert importlib.reload(shared).pick(cpu=1, gpu=2) == 1 and shared.device().type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)       # a GPU machine, as the size rule sees it
+    assert importlib.reload(shared).device().type == "cpu"              # the cpu size runs on the CPU there too
+    monkeypatch.setenv("LLMP_SIZE", "gpu")
+    assert importlib.reload(shared).pick(cpu=1, gpu=2) == 2 and shared.device().type == "cuda"
+    monkeypatch.delenv("LLMP_SIZE")
+    assert importlib.reload(shared).SIZE == "gpu"                       # automatic: gpu only where CUDA is
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert importlib.reload(shared).SIZE == "cpu"
+    monkeypatch.setenv("LLMP_SIZE", "gpu")                              # asked for, without a GPU: refused
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        importlib.reload(shared)
     monkeypatch.setenv("LLMP_SIZE", "tpu")
     with pytest.raises(ValueError, match="LLMP_SIZE"):
         importlib.reload(shared)
-    monkeypatch.delenv("LLMP_SIZE")
+    monkeypatch.undo()
     importlib.reload(shared)
-    assert shared.device().type in ("cpu", "cuda")
+
+
+def test_pytest_pins_the_cpu_size_and_no_progress_bars(monkeypatch):
+    import os
+    assert os.environ["LLMP_PROGRESS"] == "0" and shared.progress_bars() is False   # root conftest.py
+    if "LLMP_SIZE" in os.environ:            # unless a person set it by hand, the conftest pinned the cpu size
+        assert os.environ["LLMP_SIZE"] in ("cpu", "gpu")
+    monkeypatch.setenv("LLMP_PROGRESS", "1")
+    assert shared.progress_bars() is True
+    monkeypatch.setenv("LLMP_PROGRESS", "yes")
+    with pytest.raises(ValueError, match="LLMP_PROGRESS"):
+        shared.progress_bars()
 
 
 def test_seed_everything_repeats_draws():

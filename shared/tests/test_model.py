@@ -239,3 +239,15 @@ def test_decode_is_one_loop_with_pluggable_pickers():
         model_mod.decode(torch.nn.Linear(2, 2), x, 2, model_mod.greedy_next, use_cache=True)
     with pytest.raises(ValueError, match="idx"):
         model_mod.decode(m, x[0], 2, model_mod.greedy_next)
+
+
+def test_draw_follows_the_generator_and_checks_shape():
+    from shared.model import draw
+    probs = torch.tensor([[0.0, 1.0, 0.0], [0.2, 0.3, 0.5]]).repeat(200, 1)
+    a = draw(probs, torch.Generator().manual_seed(5))
+    assert torch.equal(a, draw(probs, torch.Generator().manual_seed(5)))       # seeded: the same draws
+    assert a.shape == (400,) and a.device == probs.device and bool((a[0::2] == 1).all())
+    share = (a[1::2] == 2).float().mean().item()
+    assert abs(share - 0.5) < 5 * (0.25 / 200) ** 0.5                            # frequencies follow probs
+    with pytest.raises(ValueError, match=r"\(B, V\)"):
+        draw(torch.tensor([0.5, 0.5]))
