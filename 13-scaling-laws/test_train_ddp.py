@@ -7,7 +7,6 @@ control (one process at HALF the global batch, i.e. what a wrong data split woul
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,20 +22,15 @@ COMMON = ["--steps", "20", "--seq-len", "32", "--d-model", "32", "--n-layer", "2
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TORCH_CPP_LOG_LEVEL": "ERROR"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path, name, args, nproc=None) -> dict:
     out = tmp_path / f"{name}.json"
     launcher = [sys.executable] if nproc is None else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-         "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+    # --standalone: torchrun binds a free port itself (a port picked here and released before torchrun binds it
+    # could be taken in between by another process, e.g. a notebook kernel under `pytest -n auto`)
     proc = subprocess.run([*launcher, str(HERE / "train_ddp.py"), *COMMON, *args, "--out", str(out)],
                           cwd=HERE, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text())
 
 

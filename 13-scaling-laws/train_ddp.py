@@ -21,6 +21,7 @@ collectives). Launched without torchrun (no RANK in the environment) it trains i
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -144,6 +145,14 @@ def main(argv=None) -> dict:
     if rank == 0 and args.out:
         with open(args.out, "w") as f:
             json.dump(result, f)
+    # Tear down in order, before the interpreter does. DeepSpeed (0.18+) switches Python's cyclic garbage collector
+    # off while an engine lives; without destroy() the engine and the process groups it references are only
+    # finalised during interpreter shutdown, in no set order (a rank once aborted there: "terminate called without
+    # an active exception").
+    if args.engine == "deepspeed":
+        engine.destroy()
+    del engine, opt
+    gc.collect()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -255,13 +255,15 @@ def _batches(recipe: dict, tok, train_ids: torch.Tensor):
 
 
 class _SavedRNG:
-    """Save Python's, NumPy's and torch's global RNG states on entry and restore them on exit."""
+    """Save Python's, NumPy's and torch's global RNG states (CPU, and every CUDA device when CUDA is in use) on
+    entry and restore them on exit."""
 
     def __enter__(self):
         import random
 
         import numpy as np
-        self.states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.states = random.getstate(), np.random.get_state(), torch.random.get_rng_state(), cuda
 
     def __exit__(self, *exc):
         import random
@@ -270,6 +272,8 @@ class _SavedRNG:
         random.setstate(self.states[0])
         np.random.set_state(self.states[1])
         torch.random.set_rng_state(self.states[2])
+        if self.states[3] is not None:
+            torch.cuda.set_rng_state_all(self.states[3])
 
 
 def _prepare(recipe: dict):
@@ -330,7 +334,7 @@ def _build(name: str, recipe: dict, out: Path, threads: int = TRAIN_THREADS, pro
         log = {"loss_every_step": [round(x, 4) for x in hist.train_loss], "recall_probes": probes,
                "val_step": hist.val_step, "val_loss": [round(x, 4) for x in hist.val_loss]}
         write_entry(out, name, recipe, model, tok, log, threads=threads, wall_seconds=time.time() - started,
-                    assess_model=_is_shipped(name, recipe))
+                    assess_model=_is_shipped(name, recipe), ds=ds, val_ids=val_ids)
 
 
 def replay(name: str, steps: int = 50, seed: int | None = None, threads: int = TRAIN_THREADS) -> list[float]:
@@ -362,8 +366,10 @@ def replay(name: str, steps: int = 50, seed: int | None = None, threads: int = T
 
 
 def write_entry(out: Path, name: str, recipe: dict, model, tok, log: dict, threads: int, wall_seconds: float,
-                assess_model: bool = False, notes: str | None = None) -> dict:
-    """Write a trained model as a zoo entry (weights, config, tokenizer, meta.json with the log and the metrics)."""
+                assess_model: bool = False, notes: str | None = None, ds=None, val_ids=None) -> dict:
+    """Write a trained model as a zoo entry (weights, config, tokenizer, meta.json with the log and the metrics).
+
+    `ds` and `val_ids` (the recipe's corpus and its encoded validation split) are rebuilt when not given."""
     import platform
 
     from safetensors.torch import save_file
@@ -373,8 +379,8 @@ def write_entry(out: Path, name: str, recipe: dict, model, tok, log: dict, threa
     from .train import evaluate_stream
 
     cfg = model.cfg
-    ds = corpus(recipe)
-    val_ids = data.encode_corpus(tok, ds["validation"]["text"])
+    ds = corpus(recipe) if ds is None else ds
+    val_ids = data.encode_corpus(tok, ds["validation"]["text"]) if val_ids is None else val_ids
     val_loss = evaluate_stream(model, val_ids, cfg.block_size)
     meta = {"name": name, "recipe": recipe, "hash": recipe_hash(recipe), "params": model.num_params(),
             "val_loss": val_loss, "val_tokens": len(val_ids), "torch": torch.__version__,
@@ -419,11 +425,21 @@ MAX_COST_RATIO = 2.0         # forward FLOPs per generated token at most 2x the 
 MAX_ABLATED_HEADS = 4        # ablating at most this many attention heads drops recall to the control
 
 
-@torch.no_grad()
 def ablate_heads(model, heads):
     """Context manager: the output of attention heads `heads` [(layer, head), ...] zeroed (the head's slice of the
     input of its layer's output projection), so a forward pass runs the model without them."""
     import contextlib
+
+    def valid(item):
+        return (isinstance(item, (tuple, list)) and len(item) == 2
+                and 0 <= int(item[0]) < model.cfg.n_layer and 0 <= int(item[1]) < model.cfg.n_head)
+
+    heads = list(heads)
+    bad = [item for item in heads if not valid(item)]
+    if bad:
+        raise ValueError(f"heads must be (layer, head) pairs with 0 <= layer < {model.cfg.n_layer} and "
+                         f"0 <= head < {model.cfg.n_head}, got {bad[0]!r}")
+    heads = [(int(l), int(h)) for l, h in heads]
 
     @contextlib.contextmanager
     def ctx():

@@ -287,6 +287,9 @@ def test_ablate_heads_zeroes_one_head_and_restores_the_model():
     assert not torch.allclose(plain, ablated) and torch.equal(plain, after)
     assert torch.equal(seen["in"][..., 2 * D:3 * D], torch.zeros_like(seen["in"][..., 2 * D:3 * D]))
     assert seen["in"][..., :2 * D].abs().sum() > 0
+    for bad in ([(2, 0)], [(0, 4)], [(0,)], [3]):                 # layer or head out of range, not a pair
+        with pytest.raises(ValueError, match="layer, head"):
+            zoo.ablate_heads(model, bad)
 
 
 def test_flops_per_token_counts_matmuls():
