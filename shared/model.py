@@ -353,7 +353,10 @@ class GPT(nn.Module):
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be a (B, T) long tensor, got shape {tuple(idx.shape)} dtype {idx.dtype}")
         B, T = idx.shape
-        if T and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
+        if idx.device != self.tok_emb.weight.device:     # torch refuses this on a GPU, but not with a meta model
+            raise ValueError(f"idx is on {idx.device}, the model on {self.tok_emb.weight.device}: move the batch "
+                             f"to the model's device")
+        if T and not idx.is_meta and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):   # meta: no values
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got min {idx.min().item()} "
                              f"max {idx.max().item()}")
         if self.cfg.pos in ("learned", "sinusoidal") and start_pos + T > self.cfg.block_size:

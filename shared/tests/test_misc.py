@@ -206,3 +206,55 @@ def test_wilson_equals_scipy_and_validates():
         wilson(2.5, 5)
     with pytest.raises(ValueError, match="z must be a number > 0"):
         wilson(1, 5, z=0)
+
+
+def test_float_choice_and_tensor_checks():
+    from shared.validate import check_choice, check_float, check_tensor
+    assert check_float("p", 1, 0.0, 1.0, low_open=True) == 1.0
+    for bad in (0.0, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"p must be a finite number in \(0.0, 1.0\]"):
+            check_float("p", bad, 0.0, 1.0, low_open=True)
+    with pytest.raises(TypeError, match="p must be a number"):
+        check_float("p", True)
+    assert check_float("lr", 3e-3, 0.0, low_open=True) == 3e-3
+    assert check_choice("norm", "rms", ("rms", "layer")) == "rms"
+    with pytest.raises(ValueError, match=r"norm must be one of \('rms', 'layer'\), got 'batch'"):
+        check_choice("norm", "batch", ("rms", "layer"))
+    x = torch.zeros(2, 3, dtype=torch.long)
+    assert check_tensor("idx", x, dim=2, dtype=torch.long, shape=(None, 3)) is x
+    with pytest.raises(TypeError, match="idx must be a torch.Tensor"):
+        check_tensor("idx", [[0]])
+    with pytest.raises(ValueError, match="2 dimensions"):
+        check_tensor("idx", x[0], dim=2)
+    with pytest.raises(TypeError, match="dtype torch.float32 or torch.float16"):
+        check_tensor("idx", x, dtype=(torch.float32, torch.float16))
+    with pytest.raises(ValueError, match=r"shape \(None, 4\)"):
+        check_tensor("idx", x, shape=(None, 4))
+
+
+def test_device_guard_catches_an_input_left_on_the_cpu():
+    # The shape of 04's GPU bug (model moved to the device, a probe batch built on the CPU) without a GPU: the model
+    # on `meta`; a helper that moves its batch passes the guard, one that forgets is stopped by it.
+    from shared.model import GPT, GPTConfig
+    from shared.validate import device_guard
+
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, d_model=16)).to("meta")
+    x = torch.randint(0, 50, (2, 8))
+
+    def careful(m):
+        logits, _ = m(x.to(next(m.parameters()).device))
+        return logits.shape
+
+    def careless(m):
+        return m(x)[0].shape
+
+    with device_guard(model):
+        assert careful(model) == (2, 8, 50)
+        with pytest.raises(ValueError, match="device mismatch.*on cpu.*on meta"):
+            careless(model.blocks[0])                       # any submodule with weights is guarded
+        with pytest.raises(ValueError, match="idx is on cpu, the model on meta"):
+            careless(model)                                  # GPT.forward refuses it by itself too
+    assert careful(model) == (2, 8, 50)                      # hooks removed on exit
+    plain = torch.nn.Linear(4, 4).to("meta")
+    with device_guard(plain), pytest.raises(ValueError, match="device mismatch"):
+        plain(torch.zeros(1, 4))
