@@ -27,6 +27,7 @@ import json
 import operator
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from pathlib import Path
 
 import regex
@@ -36,6 +37,8 @@ CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3
                   r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 # GPT-2 split pattern.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+_BYTE = [bytes([b]) for b in range(256)]  # the 256 one-byte strings, built once
+_NO_RANK = 1 << 62  # "this pair is not a token" in the encoder's merge loop: above every real rank
 # Used when exporting a tokenizer without pre-splitting to tiktoken: the whole text is one chunk.
 _WHOLE_TEXT_PATTERN = r"[\s\S]+"
 
@@ -177,38 +180,34 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return out
 
 
-def _merge_in_word(word: list[int], pair: tuple[int, int], new_id: int) -> tuple[list[int], list[int], list[int]]:
-    """Merge `pair` in one chunk; return (new word, old pair positions that changed, new pair positions).
+def pair_count_changes(word: list[int], pair: tuple[int, int], new_id: int) -> tuple[list[int], list[tuple[tuple[int, int], int]]]:
+    """Merge `pair` in one chunk and list how the chunk's pair counts change, one occurrence at a time.
 
-    A pair at position j is (w[j], w[j+1]). Only pairs next to a merge change: for an occurrence at old
-    position i those are the old pairs at i-1, i, i+1 and, around the new token at position k, the new pairs
-    at k-1 and k. Every other pair maps one-to-one from the old word to the new one.
+    `word`: (T,) ids -> (new word (T',), changes [((left, right), +1 or -1), ...]). For each occurrence, left to
+    right, with `x` the token now before it (possibly a `new_id` made by the previous occurrence) and `y` the
+    token after it: (x, a) -1 and (x, new) +1; (b, y) -1 and (new, y) +1. The merged pair (a, b) itself is not
+    listed: the trainer drops it as a whole. Every other pair of the chunk is untouched, which is why a merge
+    costs work proportional to its occurrences, not to the corpus.
+
+    >>> pair_count_changes([97, 97, 97, 98], (97, 98), 256)[1]   # 'aaab', merge 'ab'
+    [((97, 97), -1), ((97, 256), 1)]
     """
     a, b = pair
-    n = len(word)
-    occurrences, i = [], 0
-    try:
-        while True:
-            i = word.index(a, i)  # C-speed scan for the left id
-            if i + 1 < n and word[i + 1] == b:
-                occurrences.append(i)
-                i += 2  # non-overlapping, left to right: "aaa" with (a, a) -> [new, a]
-            else:
-                i += 1
-    except ValueError:
-        pass
-    if not occurrences:
-        return word, [], []
-    old_positions = sorted({j for i in occurrences for j in (i - 1, i, i + 1) if 0 <= j < n - 1})
-    new, new_tokens_at, prev = [], [], 0
-    for i in occurrences:
-        new.extend(word[prev:i])
-        new_tokens_at.append(len(new))
-        new.append(new_id)
-        prev = i + 2
-    new.extend(word[prev:])
-    new_positions = sorted({j for k in new_tokens_at for j in (k - 1, k) if 0 <= j < len(new) - 1})
-    return new, old_positions, new_positions
+    new: list[int] = []
+    changes: list[tuple[tuple[int, int], int]] = []
+    i, n = 0, len(word)
+    while i < n:
+        if i + 1 < n and word[i] == a and word[i + 1] == b:
+            if new:
+                changes += [((new[-1], a), -1), ((new[-1], new_id), +1)]
+            if i + 2 < n:
+                changes += [((b, word[i + 2]), -1), ((new_id, word[i + 2]), +1)]
+            new.append(new_id)
+            i += 2
+        else:
+            new.append(word[i])
+            i += 1
+    return new, changes
 
 
 def train_merges(words: list[list[int]], freqs: list[int], n_merges: int,
@@ -217,49 +216,86 @@ def train_merges(words: list[list[int]], freqs: list[int], n_merges: int,
 
     Incremental: `pair_counts[p]` holds the weighted count of pair p over all chunks, `where[p]` the
     chunks that contained p at some point (a superset; a chunk without p is skipped). A merge rewrites
-    only the chunks in `where[p]` and only the pairs next to each merged occurrence, so the work per merge
-    is proportional to the occurrences it merges, not to the corpus. The best pair comes from a heap of
+    only the chunks in `where[p]` and applies `pair_count_changes`'s rule (inlined here for speed, and held
+    to the brute force by the tests) weighted by the chunk's frequency, so the work per merge is
+    proportional to the occurrences it merges, not to the corpus. The best pair comes from a heap of
     (-count, pair): an entry goes stale when its count drops and is re-pushed with the current count when
     popped (an existing pair's count can only go down; pairs with the new token are pushed after each
     merge). Ties: the smallest (left, right) id pair. Stops early when no adjacent pair is left.
     `words` is modified in place. Returns the merges in order; merge k creates id `first_id + k`.
     """
-    pair_counts: Counter = Counter()
+    if len(words) != len(freqs):
+        raise ValueError(f"words and freqs must have the same length, got {len(words)} and {len(freqs)}")
+    _check_int(n_merges, "n_merges", minimum=0)
+    pair_counts: dict[tuple[int, int], int] = {}
     where: dict[tuple[int, int], set[int]] = {}
     for w_idx, (word, freq) in enumerate(zip(words, freqs)):
         for pair in zip(word, word[1:]):
-            pair_counts[pair] += freq
+            pair_counts[pair] = pair_counts.get(pair, 0) + freq
             where.setdefault(pair, set()).add(w_idx)
     heap = [(-count, pair) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
 
     merges: list[tuple[int, int]] = []
+    pop, push, get = heapq.heappop, heapq.heappush, pair_counts.get
     while len(merges) < n_merges and heap:
-        neg_count, pair = heapq.heappop(heap)
-        count = pair_counts.get(pair, 0)
+        neg_count, pair = pop(heap)
+        count = get(pair, 0)
         if count != -neg_count:  # stale entry: re-push with the current (smaller) count
             if count > 0:
-                heapq.heappush(heap, (-count, pair))
+                push(heap, (-count, pair))
             continue
         new_id = first_id + len(merges)
         merges.append(pair)
-        pairs_with_new_id = set()
+        a, b = pair
+        touched: set[tuple[int, int]] = set()  # pairs with the new token: pushed on the heap below
+        merged = 0                             # weighted occurrences merged: what is left of pair's count
         for w_idx in where.pop(pair):
-            old, freq = words[w_idx], freqs[w_idx]
-            new, old_positions, new_positions = _merge_in_word(old, pair, new_id)
-            for j in old_positions:
-                pair_counts[(old[j], old[j + 1])] -= freq
-            for j in new_positions:
-                p = (new[j], new[j + 1])
-                pair_counts[p] += freq
-                where.setdefault(p, set()).add(w_idx)
-                pairs_with_new_id.add(p)
-            words[w_idx] = new
-        if pair_counts.pop(pair) != 0:
-            raise AssertionError(f"internal error: pair {pair} still counted after its merge")
-        for p in pairs_with_new_id:
-            if pair_counts[p] > 0:
-                heapq.heappush(heap, (-pair_counts[p], p))
+            word = words[w_idx]
+            if a not in word:
+                continue
+            n, freq, new, start = len(word), freqs[w_idx], None, 0
+            i = word.index(a)
+            while True:  # jump from one `a` to the next (C speed); an occurrence is `a` followed by `b`
+                if i + 1 < n and word[i + 1] == b:
+                    if new is None:
+                        new = word[:i]
+                    else:
+                        new.extend(word[start:i])
+                    if new:        # (x, a) -1, (x, new) +1, x = the token now on the left
+                        x = new[-1]
+                        pair_counts[(x, a)] -= freq
+                        q = (x, new_id)
+                        pair_counts[q] = get(q, 0) + freq
+                        touched.add(q)
+                        where.setdefault(q, set()).add(w_idx)
+                    if i + 2 < n:  # (b, y) -1, (new, y) +1, y = the token on the right
+                        y = word[i + 2]
+                        pair_counts[(b, y)] -= freq
+                        q = (new_id, y)
+                        pair_counts[q] = get(q, 0) + freq
+                        touched.add(q)
+                        where.setdefault(q, set()).add(w_idx)
+                    new.append(new_id)
+                    merged += freq
+                    start = i = i + 2
+                else:
+                    i += 1
+                if i >= n:
+                    break
+                try:
+                    i = word.index(a, i)
+                except ValueError:
+                    break
+            if new is not None:
+                new.extend(word[start:])
+                words[w_idx] = new
+        left = pair_counts.pop(pair)
+        if left != merged:
+            raise AssertionError(f"internal error: pair {pair} counted {left} times, merged {merged}")
+        for q in touched:
+            if get(q, 0) > 0:
+                push(heap, (-pair_counts[q], q))
     return merges
 
 
@@ -273,29 +309,64 @@ def train(text: str | Sequence[str], vocab_size: int, *, pattern: str | None = C
     If the text runs out of pairs first, the vocabulary is smaller than asked (see `n_vocab`).
     """
     docs, pattern, specials = _check_train_args(text, vocab_size, pattern, special_tokens)
-    # Count unique chunks once: a word that occurs 10,000 times is merged once, weighted by 10,000.
-    chunk_counts = Counter()
-    for doc in docs:
-        chunk_counts.update(pre_split(doc, pattern))
+    # Count unique chunks once: a word that occurs 10,000 times is merged once, weighted by 10,000. The same
+    # saving one level up: a document given twice (a blank line, "    return x" in code) is split once.
+    chunk_counts: Counter = Counter()
+    split = regex.compile(pattern).findall if pattern is not None else (lambda d: [d] if d else [])
+    for doc, n_doc in Counter(docs).items():
+        chunks = split(doc)
+        if n_doc == 1:
+            chunk_counts.update(chunks)
+        else:
+            for chunk in chunks:
+                chunk_counts[chunk] += n_doc
     words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
     freqs = list(chunk_counts.values())
     merges = train_merges(words, freqs, vocab_size - 256 - len(specials))
     return BPETokenizer.from_merges(merges, pattern=pattern, special_tokens=specials)
 
 
-def brute_force_merges(text: str, n_merges: int, pattern: str | None = CL100K_PATTERN) -> list[tuple[int, int]]:
+def brute_force_merges(text: str, n_merges: int, pattern: str | None = CL100K_PATTERN, *,
+                       dedup: bool = False) -> list[tuple[int, int]]:
     """The reference trainer: recount every pair of the corpus after every merge. O(corpus x merges), obviously
-    correct, same tie rule (highest count, then the smallest (left, right) pair). `train` must equal it."""
-    words = [list(chunk.encode("utf-8")) for chunk in pre_split(text, _check_pattern(pattern))]
+    correct, same tie rule (highest count, then the smallest (left, right) pair). `train` must equal it.
+
+    `dedup=True` recounts over the *unique* chunks, each weighted by how often it occurs: the same merges, with
+    only the first of `train`'s two savings (the notebook times both to split the speed-up into its causes).
+    """
+    chunks = pre_split(_check_str(text, "text"), _check_pattern(pattern))
+    if dedup:                               # each distinct chunk once, with its number of occurrences
+        counted = Counter(chunks)
+        chunks, freqs = list(counted), list(counted.values())
+    else:                                   # every occurrence separately
+        freqs = [1] * len(chunks)
+    words = [list(chunk.encode("utf-8")) for chunk in chunks]
     merges: list[tuple[int, int]] = []
     for k in range(_check_int(n_merges, "n_merges", minimum=0)):
-        counts = Counter(pair for w in words for pair in zip(w, w[1:]))
+        counts: Counter = Counter()
+        for w, f in zip(words, freqs):
+            for pair in zip(w, w[1:]):
+                counts[pair] += f
         if not counts:
             break
         best = min(counts, key=lambda p: (-counts[p], p))
         merges.append(best)
         words = [merge_pair(w, best, 256 + k) for w in words]
     return merges
+
+
+class _ChunkCache(dict):
+    """chunk (str) -> ids; a missing chunk is merged by `bpe(chunk bytes)` and kept (up to `max_size` chunks)."""
+
+    def __init__(self, bpe, max_size: int = 500_000):
+        super().__init__()
+        self.bpe, self.max_size = bpe, max_size
+
+    def __missing__(self, chunk: str) -> list[int]:
+        ids = self.bpe(chunk.encode("utf-8"))
+        if len(self) < self.max_size:
+            self[chunk] = ids
+        return ids
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -318,7 +389,7 @@ class BPETokenizer:
         self.decoder = {i: b for b, i in ranks.items()}
         self.special_decoder = {i: s for s, i in special_tokens.items()}
         self._split = regex.compile(self.pattern) if self.pattern is not None else None
-        self._cache: dict[bytes, list[int]] = {}
+        self._cache = _ChunkCache(self._bpe)  # chunk str -> ids, filled by encode_ordinary
 
     # --- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -368,7 +439,7 @@ class BPETokenizer:
         return len(self.ranks) + len(self.special_tokens)
 
     def clear_cache(self) -> None:
-        """Forget the chunk -> ids cache of `encode`, so that a timing measures the merge loop itself."""
+        """Forget the chunk -> ids cache of `encode` (a timing with an empty cache measures the merge loop)."""
         self._cache.clear()
 
     # --- encoding --------------------------------------------------------------------------------------
@@ -376,24 +447,21 @@ class BPETokenizer:
         """One chunk's bytes (L,) -> ids (T,), T <= L, by lowest-rank-first merging (tiktoken's rule)."""
         if piece in self.ranks:  # tiktoken's shortcut: a chunk that is a whole token is that token
             return [self.ranks[piece]]
-        cached = self._cache.get(piece)
-        if cached is not None:
-            return cached
-        parts = [piece[i:i + 1] for i in range(len(piece))]
-        ranks = self.ranks
-        while len(parts) > 1:
-            best_rank, best_i = None, -1
-            for i in range(len(parts) - 1):
-                r = ranks.get(parts[i] + parts[i + 1])
-                if r is not None and (best_rank is None or r < best_rank):  # '<': leftmost wins a tie
-                    best_rank, best_i = r, i
-            if best_rank is None:
+        ranks, get, none = self.ranks, self.ranks.get, _NO_RANK
+        parts = [_BYTE[b] for b in piece]                                       # (L,) one byte each
+        pair_ranks = [get(x + y, none) for x, y in zip(parts, parts[1:])]      # (L-1,)
+        while pair_ranks:
+            best = min(pair_ranks)
+            if best == none:
                 break
-            parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-        ids = [ranks[p] for p in parts]
-        if len(self._cache) < 200_000:
-            self._cache[piece] = ids
-        return ids
+            i = pair_ranks.index(best)  # the leftmost pair of the lowest rank
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            del pair_ranks[i]           # only the two pairs next to the merged one change
+            if i > 0:
+                pair_ranks[i - 1] = get(parts[i - 1] + parts[i], none)
+            if i < len(parts) - 1:
+                pair_ranks[i] = get(parts[i] + parts[i + 1], none)
+        return [ranks[p] for p in parts]
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Text -> ids, with special-token strings treated as plain text."""
@@ -403,10 +471,10 @@ class BPETokenizer:
         except UnicodeEncodeError:  # lone surrogates: the same fix-up tiktoken applies
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         chunks = self._split.findall(text) if self._split is not None else ([text] if text else [])
-        ids: list[int] = []
-        for chunk in chunks:
-            ids.extend(self._bpe(chunk.encode("utf-8")))
-        return ids
+        # Most chunks of real text repeat (" the", "    "): each distinct chunk is merged once (`_ChunkCache`
+        # calls `_bpe` on a miss) and looked up by its str afterwards, so the loop over chunks runs in C
+        # (map + chain). tiktoken has no such cache.
+        return list(chain.from_iterable(map(self._cache.__getitem__, chunks)))
 
     def encode(self, text: str, *, allowed_special="none", disallowed_special="all") -> list[int]:
         """Text -> ids (T,), with tiktoken's special-token rules.
@@ -480,6 +548,47 @@ class BPETokenizer:
     def __repr__(self) -> str:
         return (f"BPETokenizer(n_vocab={self.n_vocab}, specials={len(self.special_tokens)}, "
                 f"pattern={'none' if self.pattern is None else 'cl100k' if self.pattern == CL100K_PATTERN else 'custom'})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the reference: Hugging Face `tokenizers` (Rust) with the same pre-split and byte alphabet
+# Oniguruma (tokenizers' regex engine) reads `{1,3}+` as "repeat", not possessive: the one quantifier is written
+# without `+`; `test_bpe.py` checks that both engines cut the same chunks.
+TOKENIZERS_PATTERN = CL100K_PATTERN.replace(r"\p{N}{1,3}+", r"\p{N}{1,3}")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-ins for the 256 bytes: how byte-level `tokenizers` vocabularies spell tokens."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def train_tokenizers(text: str | Sequence[str], vocab_size: int, special_tokens: Sequence[str] = ("<|endoftext|>",)):
+    """The reference trainer: `tokenizers`' BPE with our split regex and the 256-byte alphabet -> `Tokenizer`."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    docs = _documents(text)
+    _check_int(vocab_size, "vocab_size", minimum=256 + len(_check_specials(special_tokens)))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(TOKENIZERS_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer)
+    return tok
+
+
+def tokenizers_vocab(tok, special_tokens: Sequence[str] = ("<|endoftext|>",)) -> set[bytes]:
+    """The ordinary tokens of a byte-level `tokenizers.Tokenizer` as byte strings (comparable to `ranks`)."""
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    return {bytes(byte_of[c] for c in s) for s in tok.get_vocab() if s not in special_tokens}
 
 
 # ----------------------------------------------------------------------------------------------------------

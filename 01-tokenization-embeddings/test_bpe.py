@@ -5,8 +5,11 @@
   emoji + ZWJ sequences, CJK, Korean, Arabic, indented code, special tokens allowed / disallowed) and on
   arbitrary Unicode (hypothesis).
 * Round trip decode(encode(s)) == s on arbitrary Unicode, for cl100k and for a tokenizer trained here.
-* Training: the hand-checkable Wikipedia example; the incremental trainer equals a brute-force trainer that
-  recounts every pair after every merge; export to tiktoken gives identical ids.
+* Training: the hand-checkable Wikipedia example; the incremental count rule (`pair_count_changes`) equals a
+  recount; the incremental trainer equals a brute-force trainer that recounts every pair after every merge (with
+  and without chunk dedup); export to tiktoken gives identical ids.
+* The `tokenizers` reference: same pre-split chunks and byte alphabet, nearly the same vocabulary; the benchmark
+  script runs end to end on a small text (a smoke test, not a timing).
 * Bad input raises ValueError / TypeError with a message naming the argument.
 """
 import random
@@ -139,6 +142,74 @@ def test_brute_force_reference_by_hand():
         bpe.brute_force_merges("ab", 2.0)
     with pytest.raises(ValueError, match="n_merges must be >= 0, got -1"):
         bpe.brute_force_merges("ab", -1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_brute_force_with_dedup_equals_without(seed):
+    rng = random.Random(seed)
+    text = " ".join(rng.choice(["the", "cat", "sat", "at", "a", "tat", "aaa"]) for _ in range(300))
+    assert bpe.brute_force_merges(text, 40, dedup=True) == bpe.brute_force_merges(text, 40)
+
+
+def test_pair_count_changes_by_hand():
+    new, changes = bpe.pair_count_changes(list(b"aaabdaaabac"), (97, 97), 256)
+    assert new == [256, 97, 98, 100, 256, 97, 98, 97, 99]
+    a, d = 97, 100
+    assert changes == [((a, a), -1), ((256, a), 1), ((d, a), -1), ((d, 256), 1), ((a, a), -1), ((256, a), 1)]
+    assert bpe.pair_count_changes([1, 2, 3], (7, 8), 9) == ([1, 2, 3], [])
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.lists(st.integers(0, 3), max_size=30), st.integers(0, 3), st.integers(0, 3))
+def test_pair_count_changes_equals_a_recount(word, a, b):
+    # the incremental rule: counts before + changes, minus the merged pair (left = occurrences merged) == recount
+    from collections import Counter
+    new, changes = bpe.pair_count_changes(word, (a, b), 99)
+    assert new == bpe.merge_pair(word, (a, b), 99)
+    updated = Counter(zip(word, word[1:]))
+    for p, d in changes:
+        updated[p] += d
+    assert updated.pop((a, b), 0) == new.count(99)
+    assert +updated == Counter(zip(new, new[1:]))
+
+
+def test_train_counts_documents_and_chunks_once():
+    # a repeated document is split once and weighted: same merges as the naive count of every chunk
+    from collections import Counter
+    docs = ["the cat sat", "the cat sat", "a tat", "the cat sat", "aaa aaa"]
+    counts = Counter(c for d in docs for c in bpe.pre_split(d))
+    words, freqs = [list(c.encode()) for c in counts], list(counts.values())
+    assert bpe.train(docs, 256 + 20, special_tokens=()).merges == bpe.train_merges(words, freqs, 20)
+    with pytest.raises(ValueError, match="words and freqs must have the same length"):
+        bpe.train_merges([[1, 2]], [1, 2], 3)
+    with pytest.raises(ValueError, match="n_merges must be >= 0"):
+        bpe.train_merges([[1, 2]], [1], -1)
+
+
+def test_tokenizers_reference_agrees():
+    # the Rust reference gets the same pre-split (Oniguruma: `{1,3}` for `{1,3}+`) and the same byte alphabet
+    from tokenizers import Regex, pre_tokenizers
+    assert sorted(bpe.bytes_to_unicode().values()) == sorted(pre_tokenizers.ByteLevel.alphabet())
+    split = pre_tokenizers.Split(Regex(bpe.TOKENIZERS_PATTERN), behavior="isolated")
+    for text in HARD_STRINGS + [TRAIN_TEXT]:
+        assert [s for s, _ in split.pre_tokenize_str(text)] == bpe.pre_split(text), text
+    hf = bpe.train_tokenizers(TRAIN_TEXT, 400)
+    ours = bpe.train(TRAIN_TEXT, 400)
+    shared_tokens = set(ours.ranks) & bpe.tokenizers_vocab(hf)
+    assert len(shared_tokens) >= 0.95 * len(ours.ranks)
+    with pytest.raises(ValueError, match="vocab_size must be >= 257"):
+        bpe.train_tokenizers(TRAIN_TEXT, 100)
+
+
+def test_bench_script_smoke():
+    # not a timing test: the benchmark runs end to end on a small text and its encoders agree
+    import bench_bpe
+    res = bench_bpe.run(text=TRAIN_TEXT * 5, vocab_size=300, repeats=1, verbose=False)
+    assert res["encode_equal"] and set(res["train"]) == {"ours, one string", "tokenizers, one string",
+                                                         "ours, lines", "tokenizers, lines"}
+    assert res["train_profile"]["unique chunks"] <= res["train_profile"]["chunks"]
+    with pytest.raises(ValueError, match="n_bytes must be a positive int"):
+        bench_bpe.mixed_text(0)
 
 
 def test_clear_cache_keeps_ids(small_trained):
