@@ -4,16 +4,16 @@ The story corpus of `shared.data` is the "real" distribution: `story_logprob(tex
 log-probability (-inf for a text the generator cannot write), so a synthetic set's quality is measured against
 the truth, not a proxy. This module holds:
 
-* generation: `sample_stories` (the shared decoding loop, cut at end-of-text), `qa_pairs` (templated questions
-  from story metadata, with label noise), `augment` (paraphrase / entity swap) and `corrupt` (typos, dropped or
-  duplicated sentences);
+* generation: `sample_stories` (the shared decoding loop, cut at end-of-text), `augment` (paraphrase / entity
+  swap) and `corrupt` (typos, dropped or duplicated sentences);
 * quality against the truth: `quality` (valid fraction, true bits/char, distinct-n, name/object vocabulary);
 * deduplication: `normalise` + `exact_duplicates`, `shingles`, `minhash_signatures` (MinHash from scratch, the
   same permutations as `datasketch`'s default `affine32` scheme so the two agree bit for bit), `lsh_pairs`
   (banding), `jaccard_pairs` (the brute force: all pairs through one sparse product) and `s_curve` (theory);
 * splits: `components` (union-find over near-duplicate pairs), `group_split`, `ngram_contamination`.
 * collapse: `opening` (a story's first sentences), `text_batches` (padded batches for `shared.train.train`),
-  `true_choice_probs`, `next_word_probs` (a model's exact name distribution) and `diversity` (its exact diversity).
+  `true_choice_probs`, `next_word_probs` (a model's exact name distribution) and `diversity` (its exact diversity);
+* memorisation: `story_bits` (a model's code length of each story, to set against the truth's), `greedy_reproduces`.
 """
 from __future__ import annotations
 
@@ -65,48 +65,6 @@ def story_fields(text: str) -> dict | None:
     if m is None:
         return None
     return dict(zip(("size", "animal", "name", "colour", "object"), m.groups()))
-
-
-QA_TEMPLATES = {   # field -> question template; the answer is the story's value of that field
-    "colour": "What colour was {name}'s {object}?",
-    "object": "What did {name} have?",
-    "animal": "What kind of animal was {name}?",
-}
-
-
-def qa_pairs(texts, label_noise: float = 0.0, seed: int = 0) -> list[dict]:
-    """Templated Q&A from each story's planted facts: one question per field of `QA_TEMPLATES` per story.
-
-    With probability `label_noise` an answer is replaced by another word of the same category (a wrong label
-    that still looks right). Returns dicts {story, question, answer, truth, text} where text = "Q: ... A: ...".
-    """
-    if not 0.0 <= label_noise <= 1.0:
-        raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
-    rng = random.Random(seed)
-    out = []
-    for i, story in enumerate(texts):
-        f = story_fields(story)
-        if f is None:
-            continue
-        for field, template in QA_TEMPLATES.items():
-            truth = f[field]
-            answer = truth
-            if rng.random() < label_noise:
-                answer = rng.choice([w for w in data.CATEGORIES[field] if w != truth])
-            q = template.format(**f)
-            out.append({"story": i, "question": q, "answer": answer, "truth": truth, "text": f"Q: {q} A: {answer}."})
-    return out
-
-
-def qa_label_accuracy(pairs, texts) -> float:
-    """Fraction of Q&A answers that agree with the story they were made from (re-parsed: the known truth)."""
-    if not pairs:
-        raise ValueError("pairs must not be empty")
-    right = 0
-    for p in pairs:
-        field = next(k for k, t in QA_TEMPLATES.items() if p["question"] == t.format(**story_fields(texts[p["story"]])))
-        right += p["answer"] == story_fields(texts[p["story"]])[field]
-    return right / len(pairs)
 
 
 _SENT = re.compile(r"(?<=\.) ")
@@ -400,9 +358,11 @@ def opening(text: str, n_sentences: int = 3) -> str:
     return " ".join(sentences(text)[:n_sentences])
 
 
-def text_batches(tokenizer, texts, batch_size: int):
+def text_batches(tokenizer, texts, batch_size: int, epochs: bool = False):
     """A batch function for `shared.train.train`: each batch is `batch_size` of `texts` drawn without replacement
     (a seeded permutation), each read after an end-of-text token, right-padded; targets -100 on the padding.
+    With `epochs=True` the batches walk through one seeded permutation of all texts in order (a new one each
+    epoch), so after `len(texts) / batch_size` steps every text has been seen exactly once (exact exposure counts).
     Returns `fn(generator) -> (x, y)`, both (batch_size, L - 1) long, L the longest text + 1 in tokens."""
     texts = list(texts)
     if not texts or not all(isinstance(t, str) and t for t in texts):
@@ -418,8 +378,16 @@ def text_batches(tokenizer, texts, batch_size: int):
         x[i, :len(r) - 1] = torch.tensor(r[:-1])
         y[i, :len(r) - 1] = torch.tensor(r[1:])
 
+    order: list[int] = []
+
     def batch(generator):
-        idx = torch.randperm(len(rows), generator=generator)[:batch_size]
+        if not epochs:
+            idx = torch.randperm(len(rows), generator=generator)[:batch_size]
+            return x[idx], y[idx]
+        while len(order) < batch_size:
+            order.extend(torch.randperm(len(rows), generator=generator).tolist())
+        idx = torch.tensor(order[:batch_size])
+        del order[:batch_size]
         return x[idx], y[idx]
     return batch
 
@@ -461,6 +429,33 @@ def greedy_reproduces(model, tokenizer, texts, prompt_sentences: int = 1) -> lis
         pred = model(ids[:, :-1])[0].argmax(-1)                      # (1, T-1)
         out.append(bool((pred[0, n_prompt - 1:] == ids[0, n_prompt:]).all()))
     return out
+
+
+@torch.no_grad()
+def story_bits(model, tokenizer, texts, batch_size: int = 64) -> np.ndarray:
+    """The model's code length of each story in bits, -log2 p_model(text + end-of-text | end-of-text): (N,).
+
+    Batched: each story read after an end-of-text token, right-padded, padding left out of the sum. Its exact
+    counterpart under the generator is -story_logprob(text) / ln 2 (the generator ends every story with "The end.",
+    so the model's end-of-text prediction is the only extra token)."""
+    texts = list(texts)
+    if not texts or not all(isinstance(t, str) and t for t in texts):
+        raise ValueError("texts must be a non-empty list of non-empty strings")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    eos = tokenizer.eos_token_id
+    out = []
+    for start in range(0, len(texts), batch_size):
+        rows = [[eos] + tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts[start:start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), eos)
+        mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r) - 1] = True
+        logp = model(ids[:, :-1])[0].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]   # (B, width - 1)
+        out.append(-(logp * mask).sum(1).double().numpy() / math.log(2))
+    return np.concatenate(out)
 
 
 @torch.no_grad()

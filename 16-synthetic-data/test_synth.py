@@ -88,15 +88,6 @@ def test_repair_recall_fixes_only_the_recall():
     assert synth.repair_recall(broken) == t
 
 
-def test_qa_pairs_and_label_noise():
-    clean = synth.qa_pairs(REAL, label_noise=0.0)
-    assert len(clean) == 3 * len(REAL) and synth.qa_label_accuracy(clean, REAL) == 1.0
-    noisy = synth.qa_pairs(REAL, label_noise=1.0)
-    assert synth.qa_label_accuracy(noisy, REAL) == 0.0
-    with pytest.raises(ValueError, match="label_noise"):
-        synth.qa_pairs(REAL, label_noise=1.5)
-
-
 def test_corrupt_and_augment_kinds():
     rng = random.Random(0)
     t = REAL[1]
@@ -156,6 +147,11 @@ def test_opening_and_text_batches():
     for xi, yi in zip(x, y):                                              # y is x shifted by one
         n = int((yi != -100).sum())
         assert torch.equal(xi[1:n], yi[:n - 1]) and (yi[n:] == -100).all()
+    epoch = synth.text_batches(tok, texts, 2, epochs=True)              # epochs: each text once per pass
+    g = torch.Generator().manual_seed(1)
+    seen = [tuple(row.tolist()) for _ in range(5) for row in epoch(g)[0]]   # 10 rows = 2 passes over 5 texts
+    rows = sorted(tuple(r.tolist()) for r in x)
+    assert sorted(seen) == sorted(rows * 2)
     with pytest.raises(ValueError):
         synth.text_batches(tok, texts, 6)
     with pytest.raises(ValueError):
@@ -184,3 +180,20 @@ def test_diversity_by_hand():
         synth.diversity([0.5, 0.5], [1.0])
     with pytest.raises(ValueError):
         synth.diversity([0.5, 0.5], draws=0)
+
+
+def test_story_bits_against_per_story_loss():
+    import torch
+    from shared.model import GPT, GPTConfig
+    from shared.tokenizer import train_tokenizer
+    tok = train_tokenizer(REAL, vocab_size=300)
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=len(tok), block_size=256, n_layer=1, n_head=2, n_kv_head=2, d_model=16)).eval()
+    texts = REAL[:7]
+    bits = synth.story_bits(m, tok, texts, batch_size=3)                 # batched, padded
+    ref = synth.story_bits_per_char(m, tok, texts) * np.array([len(t) for t in texts])   # one story at a time
+    np.testing.assert_allclose(bits, ref, rtol=1e-4)
+    with pytest.raises(ValueError):
+        synth.story_bits(m, tok, [])
+    with pytest.raises(ValueError):
+        synth.story_bits(m, tok, texts, batch_size=0)
