@@ -27,7 +27,7 @@ from shared.model import GPT, Attention
 from shared.validate import check_ints
 
 __all__ = ["CacheOverflowError", "KVCache", "kv_cache_bytes", "attend", "forward_cached", "generate_cached",
-           "generate_naive", "step_flops", "measure_cache_rss"]
+           "generate_naive", "step_flops", "measure_cache_rss", "rss_is_measurable"]
 
 
 class CacheOverflowError(ValueError):
@@ -130,6 +130,16 @@ class KVCache:
         check_ints(0, length=length)
         if length > min(self._filled):
             raise ValueError(f"length must be <= the tokens stored ({min(self._filled)}), got {length}")
+        self._filled = [length] * len(self._filled)
+
+    def fill_random(self, length: int, generator: torch.Generator | None = None) -> None:
+        """Store `length` tokens of random keys and values in every layer (for timing: what a step costs depends on
+        how many tokens it reads, not on their values; a real prefill of 64 x 4096 tokens would take minutes)."""
+        check_ints(0, length=length)
+        if length > self.capacity:
+            raise CacheOverflowError(f"cache capacity is {self.capacity} tokens, cannot fill {length}")
+        for buf in (self.k, self.v):
+            buf[:, :, :, :length].normal_(generator=generator)
         self._filled = [length] * len(self._filled)
 
     def append(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,6 +296,20 @@ for dtype in args.pop("dtypes"):
         growth[dtype].append(resident() - before)
 print(json.dumps(growth))
 """
+
+
+def rss_is_measurable() -> tuple[bool, str]:
+    """Whether `measure_cache_rss` can be trusted here, and why: it needs Linux's resident-set accounting and glibc's
+    MALLOC_MMAP_THRESHOLD_ (every big block straight from the OS); another allocator (macOS, musl) may hand out
+    reused memory that never shows as growth."""
+    import platform
+
+    if sys.platform != "linux":
+        return False, f"resident-memory growth is read on Linux only (this is {sys.platform})"
+    libc = platform.libc_ver()[0]
+    if libc != "glibc":
+        return False, f"needs glibc's MALLOC_MMAP_THRESHOLD_ (this C library: {libc or 'unknown'})"
+    return True, "Linux, glibc"
 
 
 def measure_cache_rss(n_layer: int, n_kv_head: int, head_dim: int, lengths: list[int],

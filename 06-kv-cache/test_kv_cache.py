@@ -1,12 +1,15 @@
 """Tests for kv_cache.py: the cache's bookkeeping, cached == uncached == shared.generate == HF generate,
 the FLOP formula against torch's FlopCounterMode, and the argument checks. Tiny random models, a few seconds."""
+import platform
+import sys
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from kv_cache import (CacheOverflowError, KVCache, attend, forward_cached, generate_cached, generate_naive,
-                      kv_cache_bytes, measure_cache_rss, step_flops)
+                      kv_cache_bytes, measure_cache_rss, rss_is_measurable, step_flops)
 from shared.model import GPT, Attention, GPTConfig
 
 # float32 reference vs cached path: same math, different summation order -> ~1e-6; 1e-4 leaves room.
@@ -243,3 +246,23 @@ def test_loop_bad_arguments():
         forward_cached(model, prompt(B=3), KVCache.for_model(model, 2, 8))
     with pytest.raises(ValueError, match="SwiGLU"):
         step_flops(GPTConfig(vocab_size=8, act="gelu"), 4, True)
+
+
+def test_fill_random_marks_the_cache_filled_with_values_and_checks_capacity():
+    cache = KVCache(2, 3, 2, 4, capacity=16)
+    cache.fill_random(10, torch.Generator().manual_seed(0))
+    assert cache.length == 10
+    assert cache.k[:, :, :, :10].abs().sum() > 0 and cache.v[:, :, :, 10:].abs().sum() == 0
+    k, _ = cache.append(1, torch.zeros(3, 2, 1, 4), torch.zeros(3, 2, 1, 4))
+    assert k.shape == (3, 2, 11, 4)
+    with pytest.raises(CacheOverflowError, match="cannot fill 17"):
+        cache.fill_random(17)
+    with pytest.raises(ValueError, match="length must be >= 0"):
+        cache.fill_random(-1)
+
+
+def test_rss_is_measurable_says_why():
+    ok, why = rss_is_measurable()
+    assert isinstance(ok, bool) and why
+    if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+        assert ok

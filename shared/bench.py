@@ -171,3 +171,35 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak_growth = max(0, self._peak - self._start)
+
+
+def memory_bandwidth(nbytes: int = 256 * 2**20, kind: str = "read", repeats: int = 5,
+                     clock: Callable[[], float] = time.perf_counter) -> tuple[float, Timing]:
+    """This machine's memory bandwidth in bytes/s, measured with a plain kernel on a buffer far larger than any
+    cache (`nbytes`, default 256 MiB of float32), on the current torch threads; returns (bytes/s, timing).
+
+    kind="read": `sum` of the buffer, `nbytes` read per run (what a decode step does to its weights and KV cache).
+    kind="copy": `copy_` into a second buffer, counted as 2 x `nbytes` (read + write, as STREAM's copy does).
+    The median run is used. A roofline's memory roof; on a busy machine other processes share the bandwidth.
+    """
+    from .validate import check_choice, check_int
+
+    check_int("nbytes", nbytes, 2**20)
+    check_choice("kind", kind, ("read", "copy"))
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src) if kind == "copy" else None
+    fn = (lambda: dst.copy_(src)) if kind == "copy" else src.sum
+    timing = timeit(fn, warmup=1, repeats=repeats, clock=clock)
+    moved = 2 * src.numel() * 4 if kind == "copy" else src.numel() * 4
+    return moved / timing.median, timing
+
+
+def matmul_flops(n: int = 1024, repeats: int = 5, clock: Callable[[], float] = time.perf_counter) -> tuple[float, Timing]:
+    """Achievable float32 FLOP/s of this machine: an n x n @ n x n matmul (2n^3 FLOPs) on the current torch threads,
+    median of `repeats`; returns (FLOP/s, timing). A roofline's compute roof."""
+    from .validate import check_int
+
+    check_int("n", n, 16)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    timing = timeit(lambda: a @ b, warmup=1, repeats=repeats, clock=clock)
+    return 2 * n**3 / timing.median, timing

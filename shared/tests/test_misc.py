@@ -258,3 +258,17 @@ def test_device_guard_catches_an_input_left_on_the_cpu():
     plain = torch.nn.Linear(4, 4).to("meta")
     with device_guard(plain), pytest.raises(ValueError, match="device mismatch"):
         plain(torch.zeros(1, 4))
+
+
+def test_memory_bandwidth_and_matmul_flops_are_measured_and_validated():
+    read, t = bench.memory_bandwidth(8 * 2**20, "read", repeats=3)
+    copy, _ = bench.memory_bandwidth(8 * 2**20, "copy", repeats=3)
+    assert 1e8 < read < 1e13 and 1e8 < copy < 1e13 and len(t.times) == 3     # bytes/s: plausible, not a constant
+    flops, _ = bench.matmul_flops(128, repeats=3)
+    assert 1e7 < flops < 1e14
+    with pytest.raises(ValueError, match="kind must be one of"):
+        bench.memory_bandwidth(kind="write")
+    with pytest.raises(ValueError, match="nbytes must be >= 1048576"):
+        bench.memory_bandwidth(1000)
+    with pytest.raises(ValueError, match="n must be >= 16"):
+        bench.matmul_flops(4)
