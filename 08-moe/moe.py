@@ -45,6 +45,14 @@ def _check_moe_args(d_model, d_ff, n_experts, top_k, capacity_factor, dispatch) 
         raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
 
 
+def _check_router_scale(router_scale) -> None:
+    """router_scale s multiplies the router logits, and the router weights start s times smaller (the same logits at
+    init). Under Adam (whose step is invariant to the gradient's scale) the weights move at the same per-element
+    speed, so the logits move s times faster: a router learning rate s times the rest's."""
+    if isinstance(router_scale, bool) or not isinstance(router_scale, (int, float)) or not router_scale > 0:
+        raise ValueError(f"router_scale must be a positive number, got {router_scale!r}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Routing and the auxiliary losses
 def route(logits: torch.Tensor, top_k: int, renormalize: bool = True):
@@ -102,9 +110,11 @@ class MoE(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int = 2, *, renormalize: bool = True,
                  capacity_factor: float | None = None, dispatch: str = "sparse", init_std: float = 0.02,
-                 down_std: float | None = None):
+                 down_std: float | None = None, router_scale: float = 1.0):
         super().__init__()
         _check_moe_args(d_model, d_ff, n_experts, top_k, capacity_factor, dispatch)
+        _check_router_scale(router_scale)
+        self.router_scale = float(router_scale)
         self.d_model, self.d_ff, self.n_experts, self.top_k = d_model, d_ff, n_experts, top_k
         self.renormalize, self.capacity_factor, self.dispatch = renormalize, capacity_factor, dispatch
         E, Fd, C = n_experts, d_ff, d_model
@@ -112,7 +122,7 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.randn(E, Fd, C) * init_std)
         self.w_up = nn.Parameter(torch.randn(E, Fd, C) * init_std)
         self.w_down = nn.Parameter(torch.randn(E, C, Fd) * (init_std if down_std is None else down_std))
-        nn.init.normal_(self.router.weight, std=init_std)
+        nn.init.normal_(self.router.weight, std=init_std / self.router_scale)   # the same logits at init, any scale
         self.log_usage = False
         self.usage_log: list[torch.Tensor] = []
         self.aux_loss = self.z_loss = None
@@ -129,6 +139,8 @@ class MoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(-1, C)                                       # (N, C)
         logits = self.router(flat)                                    # (N, E)
+        if self.router_scale != 1.0:
+            logits = logits * self.router_scale                       # a "hot" router (see _check_router_scale)
         probs, weights, experts = route(logits, self.top_k, self.renormalize)
         self.aux_loss = load_balancing_loss(probs, experts, self.n_experts)
         self.z_loss = router_z_loss(logits)
@@ -187,14 +199,14 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, n_experts={self.n_experts}, top_k={self.top_k}, "
-                f"capacity_factor={self.capacity_factor}, dispatch={self.dispatch!r}")
+                f"capacity_factor={self.capacity_factor}, dispatch={self.dispatch!r}, router_scale={self.router_scale}")
 
 
 def dense_mix(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """sum_e softmax(router(x))_e * expert_e(x), every expert on every token: x (B, T, C) -> (B, T, C).
 
     The soft mixture a top-k MoE with k = E must equal (renormalising all E probabilities changes nothing)."""
-    probs = moe.router(x).float().softmax(-1).to(x.dtype)                       # (B, T, E)
+    probs = (moe.router(x) * moe.router_scale).float().softmax(-1).to(x.dtype)                       # (B, T, E)
     return sum(probs[..., e:e + 1] * moe.expert(e, x) for e in range(moe.n_experts))
 
 
@@ -209,8 +221,9 @@ class MoEGPT(GPT):
 
     def __init__(self, cfg: GPTConfig, *, n_experts: int, top_k: int = 2, d_ff: int | None = None,
                  aux_coef: float = 0.01, z_coef: float = 1e-3, renormalize: bool = True,
-                 capacity_factor: float | None = None, dispatch: str = "sparse"):
+                 capacity_factor: float | None = None, dispatch: str = "sparse", router_scale: float = 1.0):
         d_ff = cfg.d_ff if d_ff is None else d_ff
+        _check_router_scale(router_scale)
         _check_moe_args(cfg.d_model, d_ff, n_experts, top_k, capacity_factor, dispatch)
         if aux_coef < 0 or z_coef < 0:
             raise ValueError(f"aux_coef and z_coef must be >= 0, got {aux_coef}, {z_coef}")
@@ -219,9 +232,12 @@ class MoEGPT(GPT):
 
         def factory(c, i):
             return MoE(c.d_model, d_ff, n_experts, top_k, renormalize=renormalize, capacity_factor=capacity_factor,
-                       dispatch=dispatch, init_std=c.init_std, down_std=down_std)
+                       dispatch=dispatch, init_std=c.init_std, down_std=down_std, router_scale=router_scale)
 
         super().__init__(cfg, mlp_factory=factory)
+        if router_scale != 1.0:                      # GPT's init reset every Linear: start the hot router's logits cool
+            for m in self.moe_layers():
+                nn.init.normal_(m.router.weight, std=cfg.init_std / router_scale)
         self.last_ce = None
 
     def moe_layers(self) -> list[MoE]:
@@ -277,7 +293,7 @@ def mixtral_state_dict(model: MoEGPT) -> dict[str, torch.Tensor]:
         out[b + "post_attention_layernorm.weight"] = ours[a + "norm2.weight"]
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out[f"{b}self_attn.{p}.weight"] = ours[f"{a}attn.{p}.weight"]
-        out[b + "mlp.gate.weight"] = ours[a + "mlp.router.weight"]
+        out[b + "mlp.gate.weight"] = ours[a + "mlp.router.weight"] * model.blocks[i].mlp.router_scale
         out[b + "mlp.experts.gate_up_proj"] = torch.cat([ours[a + "mlp.w_gate"], ours[a + "mlp.w_up"]], dim=1)
         out[b + "mlp.experts.down_proj"] = ours[a + "mlp.w_down"]
     return out
@@ -310,7 +326,7 @@ def to_mixtral(model: MoEGPT, tokenizer=None):
 def load_into_hf_block(moe: MoE, block) -> None:
     """Copy an `MoE`'s weights into a transformers `MixtralSparseMoeBlock` (router -> gate, fused experts)."""
     with torch.no_grad():
-        block.gate.weight.copy_(moe.router.weight)
+        block.gate.weight.copy_(moe.router.weight * moe.router_scale)
         block.experts.gate_up_proj.copy_(torch.cat([moe.w_gate, moe.w_up], dim=1))
         block.experts.down_proj.copy_(moe.w_down)
 
@@ -376,3 +392,54 @@ def collect_routing(model: MoEGPT, tokens: torch.Tensor, seq_len: int, batch_siz
             store.append(m.last_experts)
     model.train(was_training)
     return windows.reshape(-1), [torch.cat(s) for s in per_layer]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A parameter-bound task: a random lookup table (key token -> value token)
+def fact_table(n_keys: int, n_values: int, seed: int = 0) -> torch.Tensor:
+    """A random table (n_keys,) of values in [0, n_values): fact i says "key i -> value table[i]".
+
+    In a model's vocabulary key i is token i and value v is token n_keys + v. Nothing about one key predicts another
+    key's value, so the only way to know the table is to store it: about n_keys * log2(n_values) bits."""
+    check_int("n_keys", n_keys, 1)
+    check_int("n_values", n_values, 2)
+    return torch.randint(0, n_values, (n_keys,), generator=torch.Generator().manual_seed(seed))
+
+
+def fact_batch(table: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """batch_size facts drawn uniformly: x (B, 1) key tokens, y (B, 1) value tokens (n_keys + value)."""
+    check_int("batch_size", batch_size, 1)
+    if table.dim() != 1 or len(table) == 0:
+        raise ValueError(f"table must be a non-empty 1-D tensor, got shape {tuple(table.shape)}")
+    keys = torch.randint(0, len(table), (batch_size,), generator=generator)
+    return keys[:, None], (len(table) + table[keys])[:, None]
+
+
+def freeze_random_embeddings(model: GPT, seed: int = 0) -> GPT:
+    """Replace the (tied) token embeddings by fixed random vectors (std 1/sqrt(C)) and freeze them.
+
+    Then no key has an embedding of its own to learn: the table must be stored in the blocks (attention on a
+    single token is a linear map of it; the MLP is the only non-linear store)."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a shared GPT, got {type(model).__name__}")
+    w = model.tok_emb.weight
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w.copy_(torch.randn(w.shape, generator=g) * w.shape[1] ** -0.5)
+    w.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def fact_eval(model: GPT, table: torch.Tensor) -> tuple[float, float]:
+    """(bits per fact, accuracy) over the whole table: the cross-entropy of the value given the key, in bits
+    (the exact floor is 0: the table is deterministic), and the fraction of keys whose argmax is the value."""
+    if table.dim() != 1 or len(table) == 0:
+        raise ValueError(f"table must be a non-empty 1-D tensor, got shape {tuple(table.shape)}")
+    was_training = model.training
+    model.eval()
+    x = torch.arange(len(table))[:, None]
+    y = (len(table) + table)[:, None]
+    logits, loss = model(x, y)
+    model.train(was_training)
+    return loss.item() / math.log(2), (logits[:, 0].argmax(-1) == y[:, 0]).double().mean().item()

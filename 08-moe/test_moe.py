@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import shared  # noqa: F401  (offline switches before transformers loads)
 from shared.model import GPT, GPTConfig
 from moe import (DISPATCHES, MoE, MoEGPT, capacity, collect_routing, dense_mix, flops_per_token, load_balancing_loss,
-                 load_into_hf_block, mutual_information, route, router_z_loss, to_mixtral, usage_entropy)
+                 load_into_hf_block, mutual_information, route, router_z_loss, to_mixtral, usage_entropy,
+                 fact_batch, fact_eval, fact_table, freeze_random_embeddings)
 
 ATOL = 1e-5   # float32, a few hundred multiply-adds per output: observed differences are ~1e-9
 
@@ -251,3 +252,54 @@ def test_collect_routing_shapes_and_consistency():
     assert torch.equal(model.moe_layers()[1].last_experts, per_layer[1])
     with pytest.raises(ValueError, match="seq_len"):
         collect_routing(model, tokens[:5], seq_len=16)
+
+
+def test_router_scale_is_a_hot_router_and_exports():
+    torch.manual_seed(11)
+    hot = MoE(16, 24, 4, 2, router_scale=10.0).eval()
+    cold = MoE(16, 24, 4, 2).eval()
+    cold.load_state_dict(hot.state_dict())
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        hot(x)
+        cold(x)
+        torch.testing.assert_close(hot.last_logits, 10.0 * cold.last_logits)
+        torch.testing.assert_close(hot(x), _hf_block(hot)(x), atol=ATOL, rtol=0)   # the scale folds into the gate
+        full = MoE(16, 24, 4, 4, router_scale=3.0)
+        torch.testing.assert_close(full(x), dense_mix(full, x), atol=ATOL, rtol=0)
+    model = MoEGPT(_tiny_cfg(), n_experts=4, top_k=2, d_ff=24, router_scale=5.0).eval()
+    idx = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], to_mixtral(model)(idx).logits, atol=1e-5, rtol=0)
+    for bad in (0, -1.0, True, "2"):
+        with pytest.raises(ValueError, match="router_scale"):
+            MoE(16, 24, 4, 2, router_scale=bad)
+        with pytest.raises(ValueError, match="router_scale"):
+            MoEGPT(_tiny_cfg(), n_experts=4, router_scale=bad)
+
+
+def test_fact_task():
+    table = fact_table(64, 8, seed=3)
+    assert table.shape == (64,) and int(table.min()) >= 0 and int(table.max()) < 8
+    assert torch.equal(table, fact_table(64, 8, seed=3)) and not torch.equal(table, fact_table(64, 8, seed=4))
+    x, y = fact_batch(table, 32, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (32, 1)
+    assert torch.equal(y[:, 0], 64 + table[x[:, 0]])                      # each target is its key's value token
+    torch.manual_seed(0)
+    model = freeze_random_embeddings(GPT(GPTConfig(vocab_size=72, block_size=1, n_layer=1, n_head=2, d_model=16)))
+    assert not model.tok_emb.weight.requires_grad
+    assert model.tok_emb.weight.std().item() == pytest.approx(16 ** -0.5, rel=0.1)
+    bits, acc = fact_eval(model, table)
+    assert 0.0 <= acc <= 1.0 and bits > 0
+    # the loss equals the mean -log2 p(value | key) computed by hand
+    with torch.no_grad():
+        logp = model(torch.arange(64)[:, None])[0][:, 0].log_softmax(-1)
+    assert bits == pytest.approx(-logp[torch.arange(64), 64 + table].mean().item() / math.log(2), rel=1e-5)
+    with pytest.raises(ValueError, match="n_values"):
+        fact_table(8, 1)
+    with pytest.raises(ValueError, match="table"):
+        fact_batch(torch.zeros(0, dtype=torch.long), 4, torch.Generator())
+    with pytest.raises(ValueError, match="table"):
+        fact_eval(model, torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="GPT"):
+        freeze_random_embeddings(torch.nn.Linear(2, 2))
