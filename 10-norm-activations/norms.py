@@ -31,8 +31,7 @@ import torch
 import torch.nn as nn
 
 from shared.model import GPT, Block, GPTConfig
-from shared.data import random_windows
-from shared.train import evaluate, lr_at, make_optimizer, train
+from shared.train import evaluate, train
 from shared.validate import check_int
 
 NORMS = ("layer", "rms", "dyt", "none")
@@ -152,20 +151,22 @@ class NoNorm(nn.Module):
         return x
 
 
-def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
-    """One of NORMS as a module over C = dim."""
+def make_norm(kind: str, dim: int, eps: float = 1e-5, alpha0: float = 0.5) -> nn.Module:
+    """One of NORMS as a module over C = dim (`alpha0`: DyT's initial alpha, ignored by the others)."""
     _check_choice("kind", kind, NORMS)
     if kind == "layer":
         return LayerNorm(dim, eps)
     if kind == "rms":
         return RMSNorm(dim, eps)
-    return DyT(dim) if kind == "dyt" else NoNorm(dim)
+    return DyT(dim, alpha0) if kind == "dyt" else NoNorm(dim)
 
 
-def norm_factory(kind: str) -> Callable[[GPTConfig], nn.Module]:
+def norm_factory(kind: str, alpha0: float = 0.5) -> Callable[[GPTConfig], nn.Module]:
     """`GPT(cfg, norm_factory=norm_factory("dyt"))`: every norm of the model (blocks and final) of this kind."""
     _check_choice("kind", kind, NORMS)
-    return lambda cfg: make_norm(kind, cfg.d_model, cfg.norm_eps)
+    if kind == "dyt":
+        DyT(1, alpha0)                                         # validates alpha0 now, not at the first build
+    return lambda cfg: make_norm(kind, cfg.d_model, cfg.norm_eps, alpha0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,15 +296,15 @@ def to_post_norm(model: GPT) -> GPT:
 
 
 def build_gpt(cfg: GPTConfig, norm: str = "rms", mlp: str = "swiglu", placement: str = "pre",
-              seed: int = 0) -> GPT:
-    """A shared GPT with our norm, MLP and placement, initialised from `seed`."""
+              seed: int = 0, alpha0: float = 0.5) -> GPT:
+    """A shared GPT with our norm, MLP and placement, initialised from `seed` (`alpha0`: DyT's initial alpha)."""
     if not isinstance(cfg, GPTConfig):
         raise TypeError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
     _check_choice("norm", norm, NORMS)
     _check_choice("mlp", mlp, MLPS)
     _check_choice("placement", placement, PLACEMENTS)
     torch.manual_seed(seed)
-    model = GPT(cfg, mlp_factory=mlp_factory(mlp), norm_factory=norm_factory(norm))
+    model = GPT(cfg, mlp_factory=mlp_factory(mlp), norm_factory=norm_factory(norm, alpha0))
     return to_post_norm(model) if placement == "post" else model
 
 
@@ -399,10 +400,10 @@ class Run:
 
 def run(cfg: GPTConfig, train_tokens: torch.Tensor, val_tokens: torch.Tensor, *, norm: str, mlp: str,
         placement: str = "pre", seed: int = 0, steps: int, lr: float, warmup: int | None = None,
-        batch_size: int = 16, eval_batches: int = 8, return_model: bool = False):
+        batch_size: int = 16, eval_batches: int = 8, return_model: bool = False, alpha0: float = 0.5):
     """Build (seeded) and train one configuration with `shared.train.train`; batches follow the same seed, so
     two configurations with one seed see the same data in the same order. A non-finite loss is kept as is."""
-    model = build_gpt(cfg, norm, mlp, placement, seed)
+    model = build_gpt(cfg, norm, mlp, placement, seed, alpha0)
     hist = train(model, train_tokens, None, steps=steps, batch_size=batch_size, seq_len=cfg.block_size, lr=lr,
                  warmup=warmup, seed=seed, progress=False)
     val = evaluate(model, val_tokens, cfg.block_size, batch_size, eval_batches, seed=1)
@@ -444,39 +445,92 @@ def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int = 30, in
     return {k: torch.tensor(v) for k, v in out.items()}
 
 
+class _Stop(Exception):
+    """Raised from `on_step` to end a `shared.train.train` run at the first non-finite loss."""
+
+
+def _probe(model: GPT, probe: torch.Tensor, probe_targets: torch.Tensor | None) -> dict:
+    """One forward (and, with targets, backward) of the probe batch, hooked: the residual-stream RMS after the
+    embedding and each block (n_layer + 1,); with targets also each block's MLP hidden activation (what
+    `down_proj` reads) and the loss gradient with respect to each block's output, as lists of flat tensors."""
+    if probe_targets is None:
+        return {"res": residual_norms(model, probe)}
+    streams, hidden = [], []
+    hooks = [model.tok_emb.register_forward_hook(lambda m, i, o: streams.append(o))]
+    hooks += [b.register_forward_hook(lambda m, i, o: streams.append(o)) for b in model.blocks]
+    hooks += [b.mlp.down_proj.register_forward_pre_hook(lambda m, i: hidden.append(i[0].detach()))
+              for b in model.blocks]
+    was_training = model.training
+    model.eval()
+    try:
+        _, loss = model(probe, probe_targets)
+        for t in streams:
+            t.retain_grad()
+        loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return {"res": torch.stack([t.detach().pow(2).mean(-1).sqrt().mean() for t in streams]),
+            "hidden": [h.flatten() for h in hidden],
+            "grad": [t.grad.flatten() for t in streams[1:]]}
+
+
 def train_tracking(model: GPT, train_tokens: torch.Tensor, probe: torch.Tensor, *, steps: int, lr: float,
                    batch_size: int = 16, warmup: int | None = None, every: int = 5, seed: int = 0,
-                   weight_decay: float = 0.1, grad_clip: float | None = 1.0) -> dict:
-    """`shared.train.train`'s loop (same optimizer, schedule, clipping and seeded batches) that also records the
-    residual-stream RMS per layer on `probe` (B, T) every `every` steps, and stops at the first non-finite loss.
+                   probe_targets: torch.Tensor | None = None, keep: tuple[int, ...] = ()) -> dict:
+    """Train with `shared.train.train` (its optimizer, schedule, clipping and seeded batches; `on_step` does the
+    recording) and look inside on the fixed `probe` batch (B, T) at init and after every `every`-th step; stop at
+    the first non-finite training loss.
 
-    Returns {"loss": [per step], "res_step": [steps], "res": (n_records, n_layer + 1) tensor, "failed_at": step or None}.
-    """
+    Returns {"loss": [per step], "res_step": [0, every, 2 every, ...], "res": (n_records, n_layer + 1) residual
+    RMS, "failed_at": step or None}. With `probe_targets` (B, T) also, per record, "hidden_std" and "grad_std"
+    (n_records, n_layer): the std of each block's MLP hidden activation and of the loss gradient with respect to
+    each block's output; "update_ratio": {matrix name: [per step]} = std(W after - W before) / std(W after) for
+    every weight matrix (Karpathy's update:data ratio); and "hist": {step: {"hidden": [...], "grad": [...]}} the
+    flat per-block tensors at the steps in `keep` (0 = init)."""
     check_int("steps", steps, 1)
     check_int("every", every, 1)
-    seq_len = model.cfg.block_size
-    warmup = max(1, steps // 20) if warmup is None else warmup
-    opt = make_optimizer(model, lr, weight_decay, (0.9, 0.95))
-    g = torch.Generator().manual_seed(seed)
+    if probe_targets is not None and probe_targets.shape != probe.shape:
+        raise ValueError(f"probe_targets must have the probe's shape {tuple(probe.shape)}, got {tuple(probe_targets.shape)}")
     out = {"loss": [], "res_step": [], "res": [], "failed_at": None}
-    for step in range(steps):
-        if step % every == 0:
-            out["res_step"].append(step)
-            out["res"].append(residual_norms(model, probe))
-        model.train()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup, 0.1)
-        x, y = random_windows(train_tokens, seq_len, batch_size, g)
-        _, loss = model(x, y)
+    detail = probe_targets is not None
+    if detail:
+        out.update(hidden_std=[], grad_std=[], hist={}, update_ratio={})
+    matrices = {n: p for n, p in model.named_parameters() if p.dim() == 2 and n != "tok_emb.weight"} if detail else {}
+    before = {n: p.detach().clone() for n, p in matrices.items()}
+
+    def record(step):
+        r = _probe(model, probe, probe_targets)
+        out["res_step"].append(step)
+        out["res"].append(r["res"])
+        if detail:
+            out["hidden_std"].append(torch.stack([h.std() for h in r["hidden"]]))
+            out["grad_std"].append(torch.stack([g.std() for g in r["grad"]]))
+            if step in keep:
+                out["hist"][step] = {"hidden": r["hidden"], "grad": r["grad"]}
+
+    def on_step(step, m, loss):
         out["loss"].append(loss.item())
         if not math.isfinite(out["loss"][-1]):
             out["failed_at"] = step
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
+            raise _Stop
+        with torch.no_grad():
+            for n, p in matrices.items():
+                out["update_ratio"].setdefault(n, []).append(((p - before[n]).std() / p.std()).item())
+                before[n].copy_(p)
+        if (step + 1) % every == 0:
+            record(step + 1)
+
+    record(0)
+    try:
+        train(model, train_tokens, None, steps=steps, batch_size=batch_size, seq_len=model.cfg.block_size, lr=lr,
+              warmup=warmup, seed=seed, progress=False, on_step=on_step)
+    except _Stop:
+        pass
     model.eval()
-    out["res"] = torch.stack(out["res"])
+    for k in ("res", "hidden_std", "grad_std"):
+        if k in out:
+            out[k] = torch.stack(out[k])
     return out

@@ -222,6 +222,8 @@ def test_bad_arguments():
         norms.DyT(8.0)
     with pytest.raises(ValueError, match="alpha0"):
         norms.DyT(8, alpha0=0)
+    with pytest.raises(ValueError, match="alpha0"):
+        norms.norm_factory("dyt", alpha0=-1.0)
     with pytest.raises(ValueError, match="act"):
         norms.GLUMLP(8, 16, "swish")
     with pytest.raises(ValueError, match="placement"):
@@ -248,7 +250,29 @@ def test_train_tracking_follows_shared_train():
     b = norms.build_gpt(c, "rms", "swiglu", "pre", seed=0)
     out = norms.train_tracking(b, tokens, probe, steps=6, batch_size=4, lr=1e-2, every=2, seed=3)
     torch.testing.assert_close(torch.tensor(out["loss"]), torch.tensor(hist.train_loss), atol=1e-6, rtol=0)
-    assert out["res"].shape == (3, 3) and out["res_step"] == [0, 2, 4] and out["failed_at"] is None
+    assert out["res"].shape == (4, 3) and out["res_step"] == [0, 2, 4, 6] and out["failed_at"] is None
+    for p, q in zip(a.parameters(), b.parameters()):                     # same weights at the end: same steps
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+def test_train_tracking_details_and_probe_leaves_training_alone():
+    c = cfg()
+    tokens = torch.randint(0, 50, (2000,), generator=torch.Generator().manual_seed(5))
+    probe = tokens[:32].view(2, 16)
+    a = norms.build_gpt(c, "rms", "swiglu", "pre", seed=0)
+    plain = norms.train_tracking(a, tokens, probe, steps=4, batch_size=4, lr=1e-2, every=2, seed=3)
+    b = norms.build_gpt(c, "rms", "swiglu", "pre", seed=0)
+    out = norms.train_tracking(b, tokens, probe, probe_targets=tokens[1:33].view(2, 16), steps=4, batch_size=4,
+                               lr=1e-2, every=2, seed=3, keep=(0, 4))
+    assert out["loss"] == plain["loss"]                                  # the probe's backward changes nothing
+    assert out["hidden_std"].shape == (3, 2) and out["grad_std"].shape == (3, 2)
+    assert set(out["hist"]) == {0, 4} and len(out["hist"][4]["hidden"]) == 2
+    assert out["hist"][0]["hidden"][0].numel() == 32 * norms.glu_width(32)
+    names = [n for n, p in b.named_parameters() if p.dim() == 2 and n != "tok_emb.weight"]
+    assert list(out["update_ratio"]) == names and all(len(v) == 4 and all(0 < r < 1 for r in v)
+                                                      for v in out["update_ratio"].values())
+    with pytest.raises(ValueError, match="probe_targets"):
+        norms.train_tracking(b, tokens, probe, probe_targets=probe[:1], steps=1, lr=1e-2)
 
 
 def test_train_tracking_stops_at_a_non_finite_loss():
@@ -258,4 +282,27 @@ def test_train_tracking_stops_at_a_non_finite_loss():
     with torch.no_grad():
         model.tok_emb.weight.fill_(float("inf"))
     out = norms.train_tracking(model, tokens, tokens[:32].view(2, 16), steps=5, batch_size=4, lr=1e-2)
-    assert out["failed_at"] == 0 and len(out["loss"]) == 1
+    assert out["failed_at"] == 0 and len(out["loss"]) == 1 and out["res_step"] == [0]
+
+
+def test_build_gpt_passes_alpha0_to_every_dyt():
+    model = norms.build_gpt(cfg(), "dyt", "swiglu", "pre", seed=0, alpha0=7.0)
+    alphas = [m.alpha.item() for m in model.modules() if isinstance(m, norms.DyT)]
+    assert len(alphas) == 2 * 2 + 1 and all(a == 7.0 for a in alphas)
+
+
+def test_geglu_matches_gemma_mlp():
+    # Gemma's MLP is GeGLU with GELU's tanh approximation (transformers maps hidden_act "gelu" to it too)
+    from transformers import GemmaConfig
+    from transformers.models.gemma.modeling_gemma import GemmaMLP
+    ref = GemmaMLP(GemmaConfig(hidden_size=32, intermediate_size=norms.glu_width(32),
+                               hidden_act="gelu_pytorch_tanh"))
+    tanh_geglu = norms.GLUMLP(32, norms.glu_width(32), "gelu_tanh")
+    exact_geglu = norms.make_mlp("geglu", 32)
+    tanh_geglu.load_state_dict(ref.state_dict())
+    exact_geglu.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(tanh_geglu(x), ref(x), atol=1e-6, rtol=1e-5)
+        gap = (exact_geglu(x) - ref(x)).abs().max().item()
+    assert 0 < gap < 1e-3                  # exact GELU: the same function up to the tanh approximation
