@@ -411,7 +411,7 @@ def suffix_scores(model: GPT, ctx: MaskContext, ev: EvalSet, how: str, mask_id: 
     """Per suffix token: (log p of the true token (P,), argmax correct (P,)).
 
     how = "causal": left context only (causal mask); "prefix": the set-up is a bidirectional prefix, the suffix
-    causal; "pll": MLM pseudo-log-likelihood, each suffix token masked alone with everything else visible."""
+    causal; "leak": every key visible, so position t-1 can read token t, its own target (the broken mask); "pll": MLM pseudo-log-likelihood, each suffix token masked alone with everything else visible."""
     b, t = _suffix_positions(ev)
     if how == "pll":
         if mask_id is None:
@@ -423,9 +423,9 @@ def suffix_scores(model: GPT, ctx: MaskContext, ev: EvalSet, how: str, mask_id: 
             lps.append(lp)
             hits.append(hit)
         return torch.cat(lps), torch.cat(hits)
-    if how not in ("causal", "prefix"):
-        raise ValueError(f"how must be 'causal', 'prefix' or 'pll', got {how!r}")
-    prefix_len = ev.prefix_end if how == "prefix" else 0
+    if how not in ("causal", "prefix", "leak"):
+        raise ValueError(f"how must be 'causal', 'prefix', 'leak' or 'pll', got {how!r}")
+    prefix_len = ev.prefix_end if how == "prefix" else ev.rows.shape[1] if how == "leak" else 0
     logits = forward_masked(model, ctx, ev.rows, prefix_len)                # (N, T, V)
     logp = logits[b, t - 1].log_softmax(-1)                                  # position t-1 predicts token t
     true = ev.rows[b, t]
@@ -477,3 +477,80 @@ def corruption_accuracy(model: GPT, ctx: MaskContext, rows: torch.Tensor, specia
         pred = forward_masked(model, ctx, x, x.shape[1]).argmax(-1)
         out[name] = float((pred[sel] == rows[sel]).float().mean())
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A local infilling slot: the hero's name, repeated two tokens to its right ("named [Tom]. Tom lived near ...")
+def name_slots(tokenizer, rows: torch.Tensor) -> torch.Tensor:
+    """(N,) index of the hero's name in each story row: the token after " named". The same name is the token two
+    to its right (". Tom"), so a model that can read the right context can copy it; the left context says nothing
+    about it (the generator draws the name independently), so without the future the best is the name's prior."""
+    named = tokenizer.convert_tokens_to_ids("Ġnamed")
+    out = []
+    for i, r in enumerate(rows):
+        hit = (r == named).nonzero().flatten()
+        if len(hit) == 0 or int(hit[0]) + 3 > len(r):
+            raise ValueError(f"row {i} has no ' named X . X' set-up")
+        out.append(int(hit[0]) + 1)
+    return torch.tensor(out)
+
+
+@torch.no_grad()
+def slot_logprob(model: GPT, ctx: MaskContext, ev: EvalSet, slot: torch.Tensor, how: str,
+                 special: SpecialIds) -> torch.Tensor:
+    """log p(true token at `slot`) per story (N,), the token hidden and as much context as the objective reads:
+    "causal" / "prefix": the left context only (the prefix LM reads it bidirectionally); "mlm": the slot is
+    <|mask|>, everything else visible; "fim": PSM prompt, the rest of the story as suffix, read at <|fim_middle|>."""
+    N = len(ev.rows)
+    if slot.shape != (N,) or int(slot.min()) < 1 or int(slot.max()) >= ev.rows.shape[1]:
+        raise ValueError(f"slot must be (N,) = ({N},) indices in [1, T), got shape {tuple(slot.shape)}")
+    ar = torch.arange(N)
+    true = ev.rows[ar, slot]
+    if how in ("causal", "prefix"):
+        logits = forward_masked(model, ctx, ev.rows, slot if how == "prefix" else 0)
+        return logits[ar, slot - 1].log_softmax(-1)[ar, true]
+    if how == "mlm":
+        x = ev.rows.clone()
+        x[ar, slot] = special.mask
+        return forward_masked(model, ctx, x, x.shape[1])[ar, slot].log_softmax(-1)[ar, true]
+    if how != "fim":
+        raise ValueError(f"how must be 'causal', 'prefix', 'mlm' or 'fim', got {how!r}")
+    prompts = [fim_prompt(ev.rows[i, :slot[i]], ev.rows[i, slot[i] + 1:ev.end[i] + 1], special) for i in range(N)]
+    L = max(len(p) for p in prompts)
+    x = torch.stack([F.pad(p, (0, L - len(p)), value=int(ev.rows[0, ev.end[0]])) for p in prompts])
+    last = torch.tensor([len(p) - 1 for p in prompts])                 # the <|fim_middle|> position
+    return forward_masked(model, ctx, x, 0)[ar, last].log_softmax(-1)[ar, true]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Graded sample quality: sentence by sentence against the generator's templates
+def _alt(cat: str) -> str:
+    from shared.data import CATEGORIES
+    return "(?:" + "|".join(CATEGORIES[cat]) + ")"
+
+
+def sentence_patterns(name: str) -> list[re.Pattern]:
+    """Every sentence the story generator can write after the set-up, for a hero called `name`: the eight
+    fillers, the recall ("Later, Tom found the red kite."), "Tom felt happy." and "The end."."""
+    n = re.escape(name)
+    a = _alt
+    forms = [f"The weather was {a('weather')}", f"A {a('colour')} {a('animal')} sat near the {a('place')}",
+             f"There was a {a('colour')} {a('animal')} in the {a('place')}", f"Then the {a('animal')} felt {a('feeling')}",
+             f"In the {a('place')}, {n} met {a('name')} the {a('animal')}", f"After lunch, {n} ate some {a('food')}",
+             f"Every morning, {n} went to the {a('place')}", f"Soon {n} felt {a('feeling')}",
+             f"Later, {n} {a('verb')} the {a('colour')} {a('object')}", f"{n} felt {a('feeling')}", "The end"]
+    return [re.compile("^" + f + r"\.$") for f in forms]
+
+
+def grade_continuation(text: str, name: str, colour: str, obj: str) -> dict:
+    """A sample's continuation (the text after the set-up), graded: its sentences (split after each '.'), how
+    many of them the generator could write for this hero, and whether a recall sentence names the planted
+    colour and object. Returns dict(sentences, valid, recall_right)."""
+    if not all(isinstance(v, str) for v in (text, name, colour, obj)):
+        raise TypeError("text, name, colour and obj must be str")
+    sents = [s.strip() for s in re.split(r"(?<=\.)\s", text.strip()) if s.strip()]
+    pats = sentence_patterns(name)
+    valid = sum(any(p.match(s) for p in pats) for s in sents)
+    rec = re.search(rf"Later, {re.escape(name)} {_alt('verb')} the (\w+) (\w+)\.", text)
+    return dict(sentences=len(sents), valid=valid,
+                recall_right=bool(rec and rec.group(1) == colour and rec.group(2) == obj))

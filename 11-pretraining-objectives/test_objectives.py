@@ -234,3 +234,73 @@ def test_corruption_accuracy_keys_and_range(special):
     assert set(acc) == {"mask", "real", "random"} and all(0.0 <= v <= 1.0 for v in acc.values())
     with pytest.raises(ValueError, match="rate"):
         ob.corruption_accuracy(model, ctx, torch.zeros(1, 4, dtype=torch.long), special, rate=2.0)
+
+
+@pytest.fixture(scope="module")
+def small_ev(tok):
+    s = data.stories(n_train=1, n_val=12, n_test=1)["validation"]
+    stream = data.encode_corpus(tok, list(s["text"]))
+    return s, ob.make_eval_set(tok, list(s["text"]), list(s["logprob"]), stream, 128, 5)
+
+
+def test_name_slots_point_at_the_hero_repeated_two_to_the_right(tok, small_ev):
+    s, ev = small_ev
+    slot = ob.name_slots(tok, ev.rows)
+    for i in range(5):
+        assert tok.convert_ids_to_tokens(int(ev.rows[i, slot[i]])).lstrip("Ġ") == s[i]["name"]
+        assert int(ev.rows[i, slot[i] + 2]) == int(ev.rows[i, slot[i]])
+    with pytest.raises(ValueError, match="named"):
+        ob.name_slots(tok, torch.zeros(1, 10, dtype=torch.long))
+
+
+def test_slot_logprob_against_pll_and_an_unpadded_fim_prompt(tok, special, small_ev):
+    _, ev = small_ev
+    slot = ob.name_slots(tok, ev.rows)
+    torch.manual_seed(0)
+    model, ctx = ob.build_model(tiny_cfg(vocab=len(tok)))
+    for how in ("causal", "prefix", "mlm", "fim"):
+        lp = ob.slot_logprob(model, ctx, ev, slot, how, special)
+        assert lp.shape == (5,) and (lp <= 0).all()
+    mlm = ob.slot_logprob(model, ctx, ev, slot, "mlm", special)
+    for i in range(5):   # MLM at one masked position == the PLL term of that position
+        pll, _ = ob.pseudo_log_likelihood(model, ctx, ev.rows[i], slot[i:i + 1], special.mask)
+        assert torch.allclose(mlm[i], pll[0], atol=1e-5)
+    fim = ob.slot_logprob(model, ctx, ev, slot, "fim", special)
+    i = 3                # padding the batch to one length must not change the answer (causal: pads come after)
+    p = ob.fim_prompt(ev.rows[i, :slot[i]], ev.rows[i, slot[i] + 1:ev.end[i] + 1], special)
+    ref = ob.forward_masked(model, ctx, p[None], 0)[0, -1].log_softmax(-1)[ev.rows[i, slot[i]]]
+    assert torch.allclose(fim[i], ref, atol=1e-5)
+    with pytest.raises(ValueError, match="slot"):
+        ob.slot_logprob(model, ctx, ev, slot[:2], "mlm", special)
+    with pytest.raises(ValueError, match="how must be"):
+        ob.slot_logprob(model, ctx, ev, slot, "span", special)
+
+
+def test_leak_scoring_reads_the_target_and_causal_does_not(tok, special, small_ev):
+    _, ev = small_ev
+    torch.manual_seed(0)
+    model, ctx = ob.build_model(tiny_cfg(vocab=len(tok)))
+    changed = ev.rows.clone()
+    b, t = 0, int(ev.prefix_end[0]) + 3
+    changed[b, t] = (changed[b, t] + 1) % len(tok)
+    for how, moves in (("causal", False), ("prefix", False), ("leak", True)):
+        a = ob.forward_masked(model, ctx, ev.rows, ev.rows.shape[1] if how == "leak" else 0)[b, t - 1]
+        c = ob.forward_masked(model, ctx, changed, ev.rows.shape[1] if how == "leak" else 0)[b, t - 1]
+        assert bool((a - c).abs().max() > 1e-6) == moves
+    lp, hit = ob.suffix_scores(model, ctx, ev, "leak")
+    assert lp.shape == (ev.n_suffix_tokens,) and (lp <= 0).all()
+    with pytest.raises(ValueError, match="how must be"):
+        ob.suffix_scores(model, ctx, ev, "bidirectional")
+
+
+def test_grade_continuation_on_generator_stories():
+    for st in data.stories(n_train=1, n_val=20, n_test=1)["validation"]:
+        prefix, _ = ob.story_prefix(st["text"])
+        g = ob.grade_continuation(st["text"][len(prefix):], st["name"], st["colour"], st["object"])
+        assert g["valid"] == g["sentences"] >= 4 and g["recall_right"]
+    g = ob.grade_continuation(" The weather was sunny. The weather was a cat. Later, Mia found the red cup.", "Mia",
+                              "red", "ball")
+    assert g == dict(sentences=3, valid=2, recall_right=False)
+    assert ob.grade_continuation(" Soon Tom felt happy.", "Mia", "red", "ball")["valid"] == 0   # wrong hero
+    with pytest.raises(TypeError):
+        ob.grade_continuation(3, "Mia", "red", "ball")
