@@ -208,8 +208,14 @@ def test_bench_script_smoke():
     assert res["encode_equal"] and set(res["train"]) == {"ours, one string", "tokenizers, one string",
                                                          "ours, lines", "tokenizers, lines"}
     assert res["train_profile"]["unique chunks"] <= res["train_profile"]["chunks"]
+    ep = res["encode_profile"]   # the three parts add up, and the merge loop ran once per distinct chunk
+    assert ep["total"] == pytest.approx(ep["split"] + ep["merge"] + ep["lookup"])
+    assert ep["unique chunks"] == res["train_profile"]["unique chunks"] <= ep["chunks"]
+    assert ep["n_tokens"] == len(bpe.train(TRAIN_TEXT * 5, 300).encode_ordinary(TRAIN_TEXT * 5))
     with pytest.raises(ValueError, match="n_bytes must be a positive int"):
         bench_bpe.mixed_text(0)
+    with pytest.raises(ValueError, match="needs a tokenizer with a split pattern"):
+        bench_bpe.encode_profile(bpe.train(TRAIN_TEXT, 300, pattern=None), TRAIN_TEXT)
 
 
 def test_clear_cache_keeps_ids(small_trained):
