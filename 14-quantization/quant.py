@@ -9,9 +9,10 @@ A weight matrix W (rows = output channels, cols = input channels) is cut into gr
 Symmetric (absmax):  s = max|w| / qmax,          q = clamp(round(w / s), -qmax, qmax),      w' = s * q
 Asymmetric (zero-point): s = (max - min) / (2^b - 1),  z = round(-min / s),
                      q = clamp(round(w / s + z), 0, 2^b - 1),                                  w' = s * (q - z)
-with qmax = 2^(b-1) - 1 (127 for int8, 7 for int4, 1 for int2). Scales are stored in float16 (as GGUF does)
+with qmax = 2^(b-1) - 1 (127 for int8, 7 for int4, 3 for int3, 1 for int2). Scales are stored in float16 (as GGUF does)
 and the codes are computed with the stored (rounded) scale, so dequantising reproduces exactly what was meant.
-Codes of b < 8 bits are packed 8/b per byte, first element in the lowest bits.
+Codes of b < 8 bits are packed as a little-endian bit stream (8/b per byte for 2 and 4 bits, first element in the
+lowest bits; 3-bit codes straddle bytes).
 
 GGUF blocks (llama.cpp's formats; 32 weights per block along a row):
 - Q8_0: [fp16 d][32 x int8]           d = absmax / 127, q = roundf(w / d)                      34 bytes
@@ -35,8 +36,10 @@ import torch.nn.functional as F
 __all__ = ["QuantTensor", "quantize", "pack_bits", "unpack_bits", "QuantLinear", "GGUFTensor", "gguf_quantize",
            "gguf_dequantize", "GGUF_BLOCK_BYTES", "FloatTensor", "quantize_model", "token_nlls", "quant_error",
            "write_gguf", "fake_quant", "FakeQuantModel", "linear_inputs", "awq_search", "awq_quantize",
-           "gptq_quantize", "AWQResult"]
+           "gptq_quantize", "AWQResult", "BITS", "window_metrics", "quantize_activations", "smoothquant_scales",
+           "w8a8_model", "paired"]
 
+BITS = (2, 3, 4, 8)                  # supported integer widths (3 bits: a bit stream straddling bytes)
 GGUF_BLOCK = 32
 GGUF_BLOCK_BYTES = {"Q8_0": 2 + 32, "Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16}
 
@@ -56,8 +59,8 @@ def _check_weight(w, name: str = "w") -> None:
 def _check_scheme(bits, granularity) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise TypeError(f"bits must be an int, got {type(bits).__name__} {bits!r}")
-    if bits not in (2, 4, 8):
-        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
     if isinstance(granularity, bool) or not isinstance(granularity, (int, str)):
         raise TypeError(f"granularity must be 'tensor', 'channel' or an int group size, got {granularity!r}")
     if isinstance(granularity, str) and granularity not in ("tensor", "channel"):
@@ -68,31 +71,28 @@ def _check_scheme(bits, granularity) -> None:
 
 # ---------------------------------------------------------------------------------------------- bit packing
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes in [0, 2^bits) (any shape) -> 1-D uint8, 8/bits codes per byte, first code in the low bits.
-
-    The flat length is padded with zeros to a multiple of 8/bits. bits=8 returns the codes as uint8 unchanged.
+    """Unsigned codes in [0, 2^bits) (any shape) -> 1-D uint8: a little-endian bit stream, code k in bits
+    [k*bits, (k+1)*bits), so 8/bits codes per byte with the first in the low bits for 2/4/8 bits, and 3-bit codes
+    straddling bytes. The stream is padded with zero bits to whole bytes; bits=8 returns the codes as uint8.
     """
-    if bits not in (2, 4, 8):
-        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
     flat = codes.reshape(-1).to(torch.int32)
     if flat.numel() and (flat.min() < 0 or flat.max() >= 2 ** bits):
         raise ValueError(f"codes must lie in [0, {2 ** bits}) for {bits}-bit packing")
-    per = 8 // bits
-    flat = F.pad(flat, (0, (-flat.numel()) % per)).view(-1, per)                  # (n_bytes, per)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    return (flat << shifts).sum(dim=1).to(torch.uint8)
+    planes = ((flat[:, None] >> torch.arange(bits, dtype=torch.int32)) & 1).to(torch.uint8)   # (n, bits) LSB first
+    return torch.from_numpy(np.packbits(planes.reshape(-1).numpy(), bitorder="little"))
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack_bits`: 1-D uint8 -> the first `n` codes as int32 (1-D)."""
-    if bits not in (2, 4, 8):
-        raise ValueError(f"bits must be 2, 4 or 8, got {bits}")
-    per = 8 // bits
-    if n > packed.numel() * per:
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    if n * bits > packed.numel() * 8:
         raise ValueError(f"n = {n} codes do not fit in {packed.numel()} bytes of {bits}-bit codes")
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    codes = (packed.to(torch.int32)[:, None] >> shifts) & (2 ** bits - 1)       # (n_bytes, per)
-    return codes.reshape(-1)[:n]
+    stream = np.unpackbits(packed.contiguous().numpy(), bitorder="little")[: n * bits].reshape(n, bits)
+    return (torch.from_numpy(stream.astype(np.int32)) << torch.arange(bits, dtype=torch.int32)).sum(dim=1,
+                                                                                                  dtype=torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------- our integers
@@ -557,18 +557,22 @@ def fake_quant(w: torch.Tensor, bits: int = 4, granularity="channel", clip: floa
 
 class FakeQuantModel(nn.Module):
     """Quantisation-aware training wrapper: `forward` runs `model` with every 2-D weight replaced by
-    `fake_quant(w, bits, granularity)` (a tied weight once, `torch.func.functional_call`); the float weights stay
+    `fake_quant(w, bits, granularity)` (a tied weight once, `torch.func.functional_call`), except the parameters
+    named in `keep` (left float, e.g. an embedding stored at higher precision); the float weights stay
     the trained parameters, so an optimiser over `self.parameters()` updates them through the STE."""
 
-    def __init__(self, model: nn.Module, bits: int = 4, granularity="channel"):
+    def __init__(self, model: nn.Module, bits: int = 4, granularity="channel", keep=()):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         _check_scheme(bits, granularity)
-        self.model, self.bits, self.granularity = model, bits, granularity
+        names = {n for n, _ in model.named_parameters()}
+        if isinstance(keep, str) or not set(keep) <= names:
+            raise ValueError(f"keep must be a collection of parameter names of the model, got {keep!r}")
+        self.model, self.bits, self.granularity, self.keep = model, bits, granularity, set(keep)
 
     def forward(self, *args, **kwargs):
-        params = {n: fake_quant(p, self.bits, self.granularity) if p.dim() == 2 else p
+        params = {n: fake_quant(p, self.bits, self.granularity) if p.dim() == 2 and n not in self.keep else p
                   for n, p in self.model.named_parameters()}
         return torch.func.functional_call(self.model, params, args, kwargs)
 
@@ -674,4 +678,119 @@ def gptq_quantize(w: torch.Tensor, x: torch.Tensor, bits: int = 4, group: int = 
         out[:, i] = q
         err = (W[:, i] - q) / U[i, i]
         W[:, i + 1:] -= err[:, None] * U[i, i + 1:][None, :]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- sensitive metrics
+@torch.no_grad()
+def window_metrics(model: nn.Module, tokens: torch.Tensor, seq_len: int, ref_logp: torch.Tensor | None = None,
+                   keep_logp: bool = False, batch_size: int = 32) -> dict:
+    """Per-window scores of `model` on the full `seq_len` windows of a 1-D stream (as `token_nlls`).
+
+    Returns {"nll": (N,) mean loss per window (nats/token)}; with `ref_logp` (N, T, V), the log-probabilities of a
+    reference model on the same windows, also "kl": (N,) mean per-token KL(ref || model) in nats and "top1": (N,)
+    fraction of positions where the two models' most likely next token agree (what llama.cpp's KLD tool reports).
+    `keep_logp=True` adds "logp": (N, T, V) float32, the reference for later calls.
+    """
+    if tokens.dim() != 1 or len(tokens) < seq_len + 1:
+        raise ValueError(f"tokens must be 1-D with >= seq_len + 1 entries, got shape {tuple(tokens.shape)}")
+    model.eval()
+    n_full = (len(tokens) - 1) // seq_len
+    if ref_logp is not None and (not torch.is_tensor(ref_logp) or ref_logp.dim() != 3
+                                 or tuple(ref_logp.shape[:2]) != (n_full, seq_len)):
+        raise ValueError(f"ref_logp must be ({n_full}, {seq_len}, V), got "
+                         f"{tuple(ref_logp.shape) if torch.is_tensor(ref_logp) else type(ref_logp).__name__}")
+    x_all = tokens[: n_full * seq_len].view(n_full, seq_len)
+    y_all = tokens[1: n_full * seq_len + 1].view(n_full, seq_len)
+    out = {"nll": [], "kl": [], "top1": [], "logp": []}
+    for i in range(0, n_full, batch_size):
+        logp = F.log_softmax(model(x_all[i:i + batch_size])[0].float(), dim=-1)          # (B, T, V)
+        out["nll"].append(-logp.gather(-1, y_all[i:i + batch_size, :, None])[..., 0].mean(dim=1))
+        if ref_logp is not None:
+            ref = ref_logp[i:i + batch_size]
+            out["kl"].append((ref.exp() * (ref - logp)).sum(dim=-1).mean(dim=1))
+            out["top1"].append((ref.argmax(-1) == logp.argmax(-1)).float().mean(dim=1))
+        if keep_logp:
+            out["logp"].append(logp)
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def paired(a: torch.Tensor, b: torch.Tensor | None = None, scale: float = 1.0) -> tuple[float, float]:
+    """Mean and standard error over windows of scale * (a - b) (or of scale * a): the paired comparison of two
+    models scored on the same windows. a, b: (N,) per-window values, N >= 2."""
+    if not torch.is_tensor(a) or a.dim() != 1 or a.numel() < 2:
+        raise ValueError("a must be a 1-D tensor of at least 2 per-window values")
+    if b is not None and (not torch.is_tensor(b) or b.shape != a.shape):
+        raise ValueError(f"b must be a tensor of a's shape {tuple(a.shape)}")
+    d = (a - b if b is not None else a).double() * scale
+    return float(d.mean()), float(d.std() / d.numel() ** 0.5)
+
+
+# ---------------------------------------------------------------------------------------------- activations (W8A8)
+def quantize_activations(x: torch.Tensor, bits: int = 8, granularity: str = "token") -> torch.Tensor:
+    """Symmetric fake quantisation of activations x (..., C), the scale computed on the fly (dynamic) from the
+    absmax of the whole tensor ("tensor") or of each token's C values ("token"), kept in float32."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor")
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+    if granularity not in ("tensor", "token"):
+        raise ValueError(f"granularity must be 'tensor' or 'token', got {granularity!r}")
+    qmax = 2 ** (bits - 1) - 1
+    amax = x.abs().amax() if granularity == "tensor" else x.abs().amax(dim=-1, keepdim=True)
+    s = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return torch.round(x / s).clamp(-qmax, qmax) * s
+
+
+def smoothquant_scales(act_absmax: torch.Tensor, w: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's per-input-channel migration (Xiao et al. 2023): s_c = max|x_c|^alpha / max|W_:,c|^(1-alpha).
+    x / s is easier to quantise and W diag(s) a little harder; (x / s)(W diag(s))^T = x W^T exactly.
+    act_absmax (C,) from calibration text, w (R, C) -> s (C,) > 0."""
+    _check_weight(w)
+    if not torch.is_tensor(act_absmax) or act_absmax.shape != (w.shape[1],):
+        raise ValueError(f"act_absmax must be a ({w.shape[1]},) tensor")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    tiny = 1e-5
+    return (act_absmax.float().clamp_min(tiny) ** alpha / w.abs().amax(dim=0).float().clamp_min(tiny) ** (1 - alpha))
+
+
+class _ActQuantHook:
+    """Forward pre-hook of one nn.Linear: x -> quantize_activations(x / s) (s = 1 without smoothing)."""
+
+    def __init__(self, bits, granularity, s=None):
+        self.bits, self.granularity, self.s = bits, granularity, s
+
+    def __call__(self, module, inputs):
+        x = inputs[0] if self.s is None else inputs[0] / self.s
+        return (quantize_activations(x, self.bits, self.granularity),) + tuple(inputs[1:])
+
+
+def w8a8_model(model: nn.Module, weight_quantizer, act_granularity: str = "token", act_bits: int = 8,
+               smooth: dict | None = None) -> nn.Module:
+    """A copy of `model` in which every nn.Linear computes with fake-quantised inputs AND weights: the input of
+    each linear is quantised on the fly (`quantize_activations`, per tensor or per token) and its weight goes
+    through `weight_quantizer` (dequantised; a tied embedding gets the same weights, as in `quantize_model`).
+    With `smooth` = {linear name: s (C,)}, that layer computes Q(x / s) Q(W diag(s))^T instead (SmoothQuant; in a
+    deployment the 1/s folds into the op that makes x); a smoothed tied weight is untied."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(weight_quantizer):
+        raise TypeError("weight_quantizer must be callable: w (R, C) -> object with dequantize()")
+    out = copy.deepcopy(model)
+    smooth = smooth or {}
+    linears = {n: m for n, m in out.named_modules() if isinstance(m, nn.Linear)}
+    unknown = set(smooth) - set(linears)
+    if unknown:
+        raise ValueError(f"smooth names no nn.Linear of the model: {sorted(unknown)}")
+    with torch.no_grad():
+        for n, m in linears.items():
+            s = smooth.get(n)
+            w = m.weight.detach().float() * (s if s is not None else 1.0)
+            wq = weight_quantizer(w).dequantize().to(m.weight.dtype)
+            if s is None:
+                m.weight.copy_(wq)                          # in place: a tied embedding gets the same weights
+            else:
+                m.weight = nn.Parameter(wq, requires_grad=False)   # W diag(s) is this layer's alone: untie
+            m.register_forward_pre_hook(_ActQuantHook(act_bits, act_granularity, s))
     return out

@@ -75,7 +75,7 @@ def test_gguf_bytes_identical(qtype, case):
 
 
 # ---------------------------------------------------------------------------------------------- properties
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("granularity", ["tensor", "channel", 32, 50, 128])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_error_bound_range_and_bytes(bits, granularity, symmetric):
@@ -92,7 +92,7 @@ def test_error_bound_range_and_bytes(bits, granularity, symmetric):
     # half a step, plus the fp16 rounding of the scale at the clipped extreme (< 1 step relative 2^-11 * qmax)
     assert (err <= step * 0.5 + step * 2 ** -10 * 2 ** bits).all()
     n_groups = {"tensor": 1, "channel": 12}.get(granularity, 12 * -(-160 // granularity) if isinstance(granularity, int) else 0)
-    expected = 12 * 160 * bits // 8 + 2 * n_groups + (0 if symmetric else n_groups)
+    expected = -(-12 * 160 * bits // 8) + 2 * n_groups + (0 if symmetric else n_groups)
     assert q.nbytes == expected
 
 
@@ -103,7 +103,7 @@ def test_finer_granularity_is_more_accurate_on_outlier():
     assert err[32] < 0.75 * err["channel"] and err["channel"] < err["tensor"]                                 # the column hits every row's scale
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n", [1, 3, 8, 17])
 def test_pack_unpack_round_trip(bits, n):
     codes = torch.randint(0, 2 ** bits, (n,), generator=torch.Generator().manual_seed(n))
@@ -160,7 +160,7 @@ def test_quantize_model_counts_bytes_and_ties():
 
 # ---------------------------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize("kwargs, err, match", [
-    (dict(bits=3), ValueError, "bits"), (dict(bits=8.0), TypeError, "bits"), (dict(bits=True), TypeError, "bits"),
+    (dict(bits=5), ValueError, "bits"), (dict(bits=8.0), TypeError, "bits"), (dict(bits=True), TypeError, "bits"),
     (dict(granularity="row"), ValueError, "granularity"), (dict(granularity=0), ValueError, "granularity"),
     (dict(granularity=1.5), TypeError, "granularity"), (dict(symmetric=1), TypeError, "symmetric")])
 def test_quantize_bad_arguments(kwargs, err, match):
@@ -316,7 +316,18 @@ def test_fake_quant_clipped_range_by_hand():
     with pytest.raises(ValueError, match="clip"):
         quant.fake_quant(w, 4, "tensor", clip=0)
     with pytest.raises(ValueError, match="bits"):
-        quant.fake_quant(w, 3, "tensor")
+        quant.fake_quant(w, 5, "tensor")
+
+
+def test_fake_quant_model_keep_leaves_named_weights_float():
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3))
+    x = rand(2, 6, seed=7)
+    kept = quant.FakeQuantModel(net, 2, "tensor", keep=("1.weight",))
+    want = F.linear(F.linear(x, quant.quantize(net[0].weight.detach(), 2, "tensor").dequantize(), net[0].bias),
+                    net[1].weight, net[1].bias)
+    torch.testing.assert_close(kept(x), want)
+    with pytest.raises(ValueError, match="keep"):
+        quant.FakeQuantModel(net, 2, "tensor", keep=("nope",))
 
 
 def test_fake_quant_model_forward_and_gradients():
@@ -407,3 +418,88 @@ def test_stored_bytes_counts_torchao_subclass_parts():
     parts = [getattr(w, n) for n in w.__tensor_flatten__()[0]]
     assert any(p.dtype == torch.int8 and p.shape == (32, 64) for p in parts)
     assert quant.stored_bytes(net) == sum(p.numel() * p.element_size() for p in parts) < 32 * 64 * 4
+
+
+# ---------------------------------------------------------------------------------------------- int3, metrics, W8A8
+def test_int3_packing_by_hand():
+    # codes 5, 2, 7 (0b101, 0b010, 0b111) -> stream 101 010 111 (LSB first) -> bytes 0b11010101, 0b00000001
+    assert quant.pack_bits(torch.tensor([5, 2, 7]), 3).tolist() == [0b11010101, 0b1]
+    q = quant.quantize(torch.tensor([[0.3, -0.1, 0.2, 0.0]]), 3, "channel")
+    assert q.codes().tolist() == [[3, -1, 2, 0]] and q.nbytes == 2 + 2
+
+
+def _tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, d_model=16)).eval()
+
+
+def test_window_metrics_against_a_direct_computation():
+    model, other = _tiny_gpt(0), _tiny_gpt(1)
+    tokens = torch.randint(0, 64, (50,), generator=torch.Generator().manual_seed(2))
+    ref = quant.window_metrics(model, tokens, 16, keep_logp=True)
+    self_cmp = quant.window_metrics(model, ref_logp=ref["logp"], tokens=tokens, seq_len=16)
+    assert torch.allclose(self_cmp["kl"], torch.zeros(3), atol=1e-6) and torch.equal(self_cmp["top1"], torch.ones(3))
+    torch.testing.assert_close(ref["nll"], quant.token_nlls(model, tokens, 16).mean(dim=1), rtol=1e-5, atol=1e-6)
+    m = quant.window_metrics(other, tokens, 16, ref_logp=ref["logp"])
+    x = tokens[:48].view(3, 16)
+    with torch.no_grad():
+        p, q = F.softmax(model(x)[0], -1), F.softmax(other(x)[0], -1)
+    torch.testing.assert_close(m["kl"], (p * (p / q).log()).sum(-1).mean(1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m["top1"], (p.argmax(-1) == q.argmax(-1)).float().mean(1))
+    with pytest.raises(ValueError, match="ref_logp"):
+        quant.window_metrics(other, tokens, 16, ref_logp=ref["logp"][:2])
+
+
+def test_paired_mean_and_standard_error():
+    a, b = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([0.0, 1.0, 1.0, 2.0])
+    d = torch.tensor([1.0, 1.0, 2.0, 4.0])
+    m, se = quant.paired(a, b, scale=2.0)
+    assert m == pytest.approx(2 * 2.0) and se == pytest.approx(2 * float(d.std()) / 2)
+    with pytest.raises(ValueError, match="b must"):
+        quant.paired(a, b[:3])
+    with pytest.raises(ValueError, match="a must"):
+        quant.paired(torch.tensor([1.0]))
+
+
+def test_quantize_activations_by_hand():
+    x = torch.tensor([[1.0, -0.5, 0.2], [100.0, 0.4, -0.3]])
+    per_token = quant.quantize_activations(x, 8, "token")
+    torch.testing.assert_close(per_token[0], torch.round(x[0] * 127) / 127)
+    per_tensor = quant.quantize_activations(x, 8, "tensor")                 # one scale 100/127: row 0 coarse
+    torch.testing.assert_close(per_tensor, torch.round(x * 1.27) / 1.27)
+    assert (per_tensor[0] - x[0]).abs().max() > 10 * (per_token[0] - x[0]).abs().max()
+    for kwargs, err in ((dict(granularity="channel"), ValueError), (dict(bits=5), ValueError)):
+        with pytest.raises(err):
+            quant.quantize_activations(x, **kwargs)
+    with pytest.raises(TypeError):
+        quant.quantize_activations(torch.ones(2, 2, dtype=torch.long))
+
+
+def test_smoothquant_scales_and_w8a8_model():
+    w = rand(6, 4, seed=3)
+    a = torch.tensor([1.0, 4.0, 0.25, 9.0])
+    s = quant.smoothquant_scales(a, w, alpha=0.5)
+    torch.testing.assert_close(s, a.sqrt() / w.abs().amax(0).sqrt())
+    assert torch.equal(quant.smoothquant_scales(a, w, alpha=1.0), a)
+    with pytest.raises(ValueError, match="alpha"):
+        quant.smoothquant_scales(a, w, alpha=2)
+    with pytest.raises(ValueError, match="act_absmax"):
+        quant.smoothquant_scales(a[:3], w)
+    model = _tiny_gpt(0)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    ident = lambda w: quant.FloatTensor.from_float(w)
+    # 16-bit-free check: with float weights and smoothing, only the activation rounding remains
+    m8 = quant.w8a8_model(model, ident, "token")
+    with torch.no_grad():
+        ref, got = model(idx)[0], m8(idx)[0]
+    assert 0 < (ref - got).abs().max() < 0.05
+    assert m8.lm_head.weight is m8.tok_emb.weight                            # tie kept without smoothing
+    lin = "blocks.0.mlp.down_proj"
+    sm = {lin: torch.rand(model.get_submodule(lin).in_features, generator=torch.Generator().manual_seed(5)) + 0.5}
+    smoothed = quant.w8a8_model(model, ident, "token", act_bits=8, smooth=sm)
+    with torch.no_grad():
+        torch.testing.assert_close(smoothed(idx)[0], ref, atol=0.05, rtol=0)  # x/s times W diag(s): same layer
+    with pytest.raises(ValueError, match="smooth"):
+        quant.w8a8_model(model, ident, smooth={"nope": torch.ones(3)})
+    with pytest.raises(TypeError):
+        quant.w8a8_model(model, "int8")
