@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls ft.wilson)
 
 __all__ = ["TASKS", "ROLE_TOKENS", "CHAT_TEMPLATE", "fact_sentence", "qa_examples", "add_chat_tokens", "collate",
-           "completion_loss", "finetune", "generate_answers", "grade", "exact_match", "category_prior_answers", "prior_answer_loss",
+           "completion_loss", "finetune", "generate_answers", "grade", "exact_match", "answer_loss", "evaluate_qa", "category_prior_answers", "prior_answer_loss",
            "LoRALinear", "trainable_parameters", "adamw_state_bytes", "wilson", "sequence_logprobs",
            "bradley_terry_loss", "dpo_loss", "true_preference", "preference_pairs", "frequency_ranker", "pair_batches",
            "masked_mean", "gae", "kl_estimate", "ppo_policy_loss", "ppo_value_loss", "PolicyWithValue",
@@ -208,6 +208,24 @@ def grade(model, tokenizer, examples, max_new_tokens: int = 4) -> dict[str, list
 def exact_match(model, tokenizer, examples, max_new_tokens: int = 4) -> list[bool]:
     """True where the greedy reply is exactly the answer followed by end-of-text (nothing more, nothing less)."""
     return grade(model, tokenizer, examples, max_new_tokens)["exact"]
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, examples) -> float:
+    """Completion-only loss (nats per answer token, averaged over all answer tokens) of `examples` in one batch,
+    teacher-forced; the model's train/eval mode is left as it is."""
+    _check_examples(examples)
+    b = collate(tokenizer, examples)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return completion_loss(logits, b["labels"]).item()
+
+
+def evaluate_qa(model, tokenizer, examples, max_new_tokens: int = 4) -> dict:
+    """Held-out grading of a question-answering model: the fraction of greedy replies of the right type and exactly
+    right (`grade`), the answer loss (`answer_loss`), and the replies."""
+    g = grade(model, tokenizer, examples, max_new_tokens)
+    return {"type": sum(g["type"]) / len(examples), "exact": sum(g["exact"]) / len(examples),
+            "loss": answer_loss(model, tokenizer, examples), "replies": g["replies"]}
 
 
 def category_prior_answers(train_rows, examples) -> list[bool]:

@@ -178,6 +178,22 @@ def test_finetune_runs_and_exact_match_grades(rows, tok):
     assert all(t or not e for t, e in zip(g["type"], g["exact"]))   # an exact answer is of the right type
 
 
+def test_evaluate_qa_matches_grade_and_the_completion_loss(rows, tok):
+    m = tiny_hf(tok).eval()
+    ex = ft.qa_examples(rows[:3])
+    r = ft.evaluate_qa(m, tok, ex)
+    g = ft.grade(m, tok, ex)
+    assert r["replies"] == g["replies"]
+    assert r["type"] == sum(g["type"]) / len(ex) and r["exact"] == sum(g["exact"]) / len(ex)
+    b = ft.collate(tok, ex)
+    out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+    assert abs(r["loss"] - out.loss.item()) < ATOL          # HF's own labels= loss on the answer tokens
+    with pytest.raises(ValueError):
+        ft.answer_loss(m, tok, [])
+    with pytest.raises(TypeError):
+        ft.evaluate_qa(m, tok, ex[0])
+
+
 PAIR_CATS = {"colour": ["red", "blue", "green"], "object": ["map", "hat"], "animal": ["cat", "dog"],
              "name": ["Tom", "Mia"]}
 
