@@ -166,7 +166,8 @@ class RunTimer:
         return time.process_time() - self.cpu_start
 
     def __str__(self) -> str:
-        return f"{self.seconds():.0f} s wall, {self.cpu_seconds():.0f} s CPU ({torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        return f"{self.seconds():.0f} s wall, {self.cpu_seconds():.0f} s CPU ({n} thread{'s' if n != 1 else ''})"
 
 
 def setup_notebook(seed: int = 0, *, n_threads: int | None = None, show: bool = True) -> RunTimer:

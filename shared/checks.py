@@ -91,8 +91,9 @@ def check(name: str, ours, reference, *, atol: float = 0.0, rtol: float = 0.0, r
 def checks_table(show: bool = True) -> list[Check]:
     """Every check recorded since setup, with its raw max |diff|: print it in a `# NBVAL_IGNORE_OUTPUT` cell."""
     if show:
-        print(f"{'check':<52} {'max |diff|':>11} {'atol':>7} {'rtol':>7}  verdict")
+        width = max([52] + [len(c.name) for c in _CHECKS])              # long names keep the columns aligned
+        print(f"{'check':<{width}} {'max |diff|':>11} {'atol':>7} {'rtol':>7}  verdict")
         for c in _CHECKS:
-            print(f"{c.name:<52} {c.max_abs_diff:11.2e} {c.atol:7.0e} {c.rtol:7.0e}  {'ok' if c.passed else 'FAILED'}")
+            print(f"{c.name:<{width}} {c.max_abs_diff:11.2e} {c.atol:7.0e} {c.rtol:7.0e}  {'ok' if c.passed else 'FAILED'}")
         print(f"{sum(c.passed for c in _CHECKS)} of {len(_CHECKS)} checks passed")
     return list(_CHECKS)
