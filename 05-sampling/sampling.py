@@ -29,6 +29,7 @@ import torch
 
 from shared.data import story_logprob
 from shared.model import decode
+from shared.model import draw as draw_from_probs
 from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls sampling.wilson)
 
 KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -182,7 +183,7 @@ def draw(filtered: torch.Tensor, generator: torch.Generator | None = None) -> to
     """One `torch.multinomial` draw per row of softmax(filtered), in float32 as transformers. (B, V) -> (B,)."""
     probs = filtered.float().softmax(dim=-1)
     rows = probs if probs.dim() == 2 else probs[None]
-    ids = torch.multinomial(rows, num_samples=1, generator=generator)[:, 0]  # (B,)
+    ids = draw_from_probs(rows, generator)                               # (B,), where the generator lives
     return ids if probs.dim() == 2 else ids[0]
 
 
