@@ -591,9 +591,9 @@ def build(name: str, seed: int | None = None, threads: int = TRAIN_THREADS, prog
     return out
 
 
-def load(name: str = "stories-base", device: str | torch.device = "cpu"):
+def load(name: str = "stories-base", device: str | torch.device | None = None):
     """(model in eval mode, tokenizer) for a zoo entry: a shipped entry loads in a second; any other trains and
-    caches on first use."""
+    caches on first use. The model goes to `device`, by default `shared.device()` (the CPU at the cpu size)."""
     from safetensors.torch import load_file
 
     from .model import GPT, GPTConfig, load_weights
@@ -606,7 +606,9 @@ def load(name: str = "stories-base", device: str | torch.device = "cpu"):
         load_weights(model, load_file(entry / "model.safetensors"))
     except RuntimeError as e:
         raise RuntimeError(f"checkpoint {entry}: {e}") from None
-    return model.to(device).eval(), load_tokenizer(entry / "tokenizer")
+    from . import device as default_device
+
+    return model.to(default_device() if device is None else device).eval(), load_tokenizer(entry / "tokenizer")
 
 
 def meta(name: str = "stories-base") -> dict:

@@ -296,3 +296,14 @@ def test_flops_per_token_counts_matmuls():
     # 1 layer, d 32, 2 heads, SwiGLU d_ff 96, vocab 10: q,k,v,o 4*32*32 + mlp 3*32*96 + head 32*10; context 4
     cfg = {"block_size": 8, "n_layer": 1, "n_head": 2, "d_model": 32, "d_ff": 96}
     assert zoo.forward_flops_per_token(cfg, 10, 4) == 2 * (4 * 32 * 32 + 3 * 32 * 96 + 32 * 10) + 4 * 1 * 4 * 32
+
+
+def test_load_puts_the_model_on_the_shared_device(monkeypatch, no_training):
+    # The device rule: zoo.load follows shared.device() unless told otherwise (meta stands in for a GPU here).
+    import shared
+
+    monkeypatch.setattr(shared, "device", lambda: torch.device("meta"))
+    model, _ = zoo.load(SHIPPED_NAME)
+    assert next(model.parameters()).device.type == "meta"
+    model, _ = zoo.load(SHIPPED_NAME, device="cpu")
+    assert next(model.parameters()).device.type == "cpu"
