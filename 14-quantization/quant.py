@@ -37,11 +37,21 @@ __all__ = ["QuantTensor", "quantize", "pack_bits", "unpack_bits", "QuantLinear",
            "gguf_dequantize", "GGUF_BLOCK_BYTES", "FloatTensor", "quantize_model", "token_nlls", "quant_error",
            "write_gguf", "fake_quant", "FakeQuantModel", "linear_inputs", "awq_search", "awq_quantize",
            "gptq_quantize", "AWQResult", "BITS", "window_metrics", "quantize_activations", "smoothquant_scales",
-           "w8a8_model", "paired"]
+           "w8a8_model", "paired", "stored_state"]
 
 BITS = (2, 3, 4, 8)                  # supported integer widths (3 bits: a bit stream straddling bytes)
 GGUF_BLOCK = 32
 GGUF_BLOCK_BYTES = {"Q8_0": 2 + 32, "Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16}
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where `model` computes: the device of its first parameter (or buffer); the CPU for a parameter-free wrapper
+    (an ONNX Runtime session, which takes CPU inputs)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------- validators
@@ -77,11 +87,11 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
-    flat = codes.reshape(-1).to(torch.int32)
+    flat = codes.reshape(-1).to(torch.int32).cpu()                       # numpy packs the bits: on the CPU
     if flat.numel() and (flat.min() < 0 or flat.max() >= 2 ** bits):
         raise ValueError(f"codes must lie in [0, {2 ** bits}) for {bits}-bit packing")
     planes = ((flat[:, None] >> torch.arange(bits, dtype=torch.int32)) & 1).to(torch.uint8)   # (n, bits) LSB first
-    return torch.from_numpy(np.packbits(planes.reshape(-1).numpy(), bitorder="little"))
+    return torch.from_numpy(np.packbits(planes.reshape(-1).numpy(), bitorder="little")).to(codes.device)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -90,9 +100,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
     if n * bits > packed.numel() * 8:
         raise ValueError(f"n = {n} codes do not fit in {packed.numel()} bytes of {bits}-bit codes")
-    stream = np.unpackbits(packed.contiguous().numpy(), bitorder="little")[: n * bits].reshape(n, bits)
-    return (torch.from_numpy(stream.astype(np.int32)) << torch.arange(bits, dtype=torch.int32)).sum(dim=1,
-                                                                                                  dtype=torch.int32)
+    stream = np.unpackbits(packed.contiguous().cpu().numpy(), bitorder="little")[: n * bits].reshape(n, bits)
+    codes = (torch.from_numpy(stream.astype(np.int32)) << torch.arange(bits, dtype=torch.int32)).sum(dim=1,
+                                                                                                   dtype=torch.int32)
+    return codes.to(packed.device)
 
 
 # ---------------------------------------------------------------------------------------------- our integers
@@ -374,7 +385,7 @@ def write_gguf(model, path, qtype: str) -> int:
     writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}"))
     state, written = model.state_dict(), 0
     for key, name in names.items():
-        t = state[key].detach().float()
+        t = state[key].detach().float().cpu()
         if key.endswith("q_proj.weight"):
             t = _rope_permute(t, cfg.n_head)
         elif key.endswith("k_proj.weight"):
@@ -414,6 +425,35 @@ def quantize_model(model: nn.Module, quantizer) -> tuple[nn.Module, int]:
     return out, total
 
 
+def stored_state(model: nn.Module, quantizer) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint of `model` quantised by `quantizer` stores, as a flat {name: CPU tensor} dict that
+    `safetensors.torch.save_file` writes: for a `QuantTensor` "<name>.codes" (packed uint8), "<name>.scale"
+    (float16) and "<name>.zero" (uint8, zero-point schemes); for a `GGUFTensor` "<name>.blocks" (uint8 GGUF blocks);
+    for a `FloatTensor` "<name>" in its dtype; every other parameter (norm gains) float32; a tied weight once.
+    Their bytes add up to the count `quantize_model` returns (the file adds only safetensors' JSON header)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(quantizer):
+        raise TypeError("quantizer must be callable: w (R, C) -> QuantTensor, GGUFTensor or FloatTensor")
+    state = {}
+    for name, p in model.named_parameters():                                    # tied weights appear once
+        if p.dim() != 2:
+            state[name] = p.detach().float()
+            continue
+        qw = quantizer(p.detach())
+        if isinstance(qw, QuantTensor):
+            state[f"{name}.codes"], state[f"{name}.scale"] = qw.packed, qw.scale
+            if qw.zero is not None:
+                state[f"{name}.zero"] = qw.zero
+        elif isinstance(qw, GGUFTensor):
+            state[f"{name}.blocks"] = qw.data
+        elif isinstance(qw, FloatTensor):
+            state[name] = qw.data
+        else:
+            raise TypeError(f"quantizer returned {type(qw).__name__}: expected QuantTensor, GGUFTensor or FloatTensor")
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
 def quant_error(w: torch.Tensor, qw) -> float:
     """Relative Frobenius error ||W - W'|| / ||W|| of a quantised weight."""
     return float((w.float() - qw.dequantize()).norm() / w.float().norm())
@@ -430,6 +470,7 @@ def token_nlls(model: nn.Module, tokens: torch.Tensor, seq_len: int, batch_size:
         raise ValueError(f"tokens must be 1-D with >= seq_len + 1 entries, got shape {tuple(tokens.shape)}")
     model.eval()
     n_full = (len(tokens) - 1) // seq_len
+    tokens = tokens.to(_device(model))
     x_all = tokens[: n_full * seq_len].view(n_full, seq_len)
     y_all = tokens[1: n_full * seq_len + 1].view(n_full, seq_len)
     out = []
@@ -437,7 +478,7 @@ def token_nlls(model: nn.Module, tokens: torch.Tensor, seq_len: int, batch_size:
         logits = model(x_all[i:i + batch_size])[0]                               # (B, T, V)
         out.append(F.cross_entropy(logits.flatten(0, 1).float(), y_all[i:i + batch_size].flatten(),
                                    reduction="none").view(-1, seq_len))
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 class LogitsModule(nn.Module):
@@ -459,7 +500,7 @@ class LogitsModule(nn.Module):
 
 def ort_logits(session, input_name: str = "input_ids"):
     """ids (B, T) -> logits of an onnxruntime InferenceSession whose first output is the logits."""
-    return lambda idx: torch.from_numpy(session.run(None, {input_name: idx.numpy().astype(np.int64)})[0])
+    return lambda idx: torch.from_numpy(session.run(None, {input_name: idx.cpu().numpy().astype(np.int64)})[0])
 
 
 def _plain_tensors(t: torch.Tensor):
@@ -596,7 +637,7 @@ def linear_inputs(model: nn.Module, idx: torch.Tensor, names=None) -> dict[str, 
     handles = [m.register_forward_hook(hook(n)) for n, m in todo]
     try:
         with torch.no_grad():
-            model(idx)
+            model(idx.to(_device(model)))
     finally:
         for h in handles:
             h.remove()
@@ -667,7 +708,7 @@ def gptq_quantize(w: torch.Tensor, x: torch.Tensor, bits: int = 4, group: int = 
     W = w.detach().float().clone()
     R, C = W.shape
     H = x.double().T @ x.double()                                              # (C, C)
-    H += damp * H.diagonal().mean() * torch.eye(C, dtype=H.dtype)
+    H += damp * H.diagonal().mean() * torch.eye(C, dtype=H.dtype, device=H.device)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # Hinv = U^T U
     qmax, out = 2 ** (bits - 1) - 1, torch.zeros_like(W)
     for i in range(C):
@@ -700,19 +741,21 @@ def window_metrics(model: nn.Module, tokens: torch.Tensor, seq_len: int, ref_log
                                  or tuple(ref_logp.shape[:2]) != (n_full, seq_len)):
         raise ValueError(f"ref_logp must be ({n_full}, {seq_len}, V), got "
                          f"{tuple(ref_logp.shape) if torch.is_tensor(ref_logp) else type(ref_logp).__name__}")
+    tokens = tokens.to(_device(model))
     x_all = tokens[: n_full * seq_len].view(n_full, seq_len)
     y_all = tokens[1: n_full * seq_len + 1].view(n_full, seq_len)
     out = {"nll": [], "kl": [], "top1": [], "logp": []}
     for i in range(0, n_full, batch_size):
         logp = F.log_softmax(model(x_all[i:i + batch_size])[0].float(), dim=-1)          # (B, T, V)
-        out["nll"].append(-logp.gather(-1, y_all[i:i + batch_size, :, None])[..., 0].mean(dim=1))
+        y = y_all[i:i + batch_size].to(logp.device)                                 # a CPU runtime's logits
+        out["nll"].append(-logp.gather(-1, y[:, :, None])[..., 0].mean(dim=1))
         if ref_logp is not None:
-            ref = ref_logp[i:i + batch_size]
+            ref = ref_logp[i:i + batch_size].to(logp.device)
             out["kl"].append((ref.exp() * (ref - logp)).sum(dim=-1).mean(dim=1))
             out["top1"].append((ref.argmax(-1) == logp.argmax(-1)).float().mean(dim=1))
         if keep_logp:
             out["logp"].append(logp)
-    return {k: torch.cat(v) for k, v in out.items() if v}
+    return {k: torch.cat(v) if k == "logp" else torch.cat(v).cpu() for k, v in out.items() if v}
 
 
 def paired(a: torch.Tensor, b: torch.Tensor | None = None, scale: float = 1.0) -> tuple[float, float]:

@@ -503,3 +503,53 @@ def test_smoothquant_scales_and_w8a8_model():
         quant.w8a8_model(model, ident, smooth={"nope": torch.ones(3)})
     with pytest.raises(TypeError):
         quant.w8a8_model(model, "int8")
+
+
+def test_stored_state_adds_up_to_the_counted_bytes_and_writes_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_kv_head=1, d_model=32)).eval()
+    for quantizer in (quant.FloatTensor.from_float, lambda w: quant.quantize(w, 4, 32),
+                      lambda w: quant.quantize(w, 2, 32, symmetric=False), lambda w: quant.GGUFTensor.from_float(w, "Q4_0")):
+        state = quant.stored_state(model, quantizer)
+        counted = quant.quantize_model(model, quantizer)[1]
+        assert sum(t.numel() * t.element_size() for t in state.values()) == counted
+        path = tmp_path / "m.safetensors"
+        save_file(state, str(path))
+        size, header = path.stat().st_size, int.from_bytes(path.read_bytes()[:8], "little")
+        assert size == 8 + header + counted                                   # the file: header + these bytes
+        back = load_file(str(path))
+        assert all(torch.equal(back[k], v) for k, v in state.items())
+    state = quant.stored_state(model, lambda w: quant.quantize(w, 4, 32))
+    assert "tok_emb.weight.codes" in state and not any(k.startswith("lm_head") for k in state)   # tied: once
+    q = quant.quantize(model.tok_emb.weight.detach(), 4, 32)
+    assert torch.equal(state["tok_emb.weight.codes"], q.packed) and state["tok_emb.weight.scale"].dtype == torch.float16
+    with pytest.raises(TypeError, match="quantizer returned"):
+        quant.stored_state(model, lambda w: w)
+    with pytest.raises(TypeError, match="model"):
+        quant.stored_state("model", quant.FloatTensor.from_float)
+
+
+def test_model_facing_helpers_move_their_inputs_to_the_models_device():
+    # The model on `meta` (no GPU needed): every helper that feeds it must move its CPU tokens there first;
+    # device_guard raises a ValueError on an input left on the CPU. A helper may stop at its first read of a
+    # value (meta tensors have none): that NotImplementedError/RuntimeError means the plumbing held so far.
+    from shared.validate import device_guard
+
+    model = _tiny_gpt(0).to("meta")
+    tokens = torch.randint(0, 64, (50,), generator=torch.Generator().manual_seed(2))
+    idx = tokens[:32].view(2, 16)
+    calls = [lambda: quant.window_metrics(model, tokens, 16, keep_logp=True),
+             lambda: quant.window_metrics(model, tokens, 16, ref_logp=torch.zeros(3, 16, 64)),
+             lambda: quant.token_nlls(model, tokens, 16),
+             lambda: quant.linear_inputs(model, idx),
+             lambda: quant.input_channel_absmax(model, idx),
+             lambda: quant.w8a8_model(model, quant.FloatTensor.from_float, "token")(idx.to("meta")),
+             lambda: quant.FakeQuantModel(model, 4, 32)(idx.to("meta"))]
+    with device_guard(model):
+        for call in calls:
+            try:
+                call()
+            except (NotImplementedError, RuntimeError) as e:          # a value read on meta, not a device mismatch
+                assert "device" not in str(e).lower() or "meta" in str(e).lower()
