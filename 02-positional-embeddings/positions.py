@@ -15,17 +15,21 @@ Two families:
 The references the notebook and the tests both compare with live here once: ``alibi_slopes_paper`` (the ALiBi
 paper's code) and ``hf_llama_rope`` (transformers' Llama rotary embedding). The rest are the small task and
 metrics the notebook uses to break things (two order tasks and the exact bounds of blind models, permutation gap,
-similarity by distance, principal components, loss by position, attention entropy).
+similarity by distance, principal components, loss by position, attention entropy) and the two interventions
+on a long context: ``attention_window`` (every query limited to its last keys) and ``sliding_window_loss``
+(the model re-run on the last tokens, each at a position it had in training).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shared.model import Attention
 from shared.validate import check_ints
 
 SCHEMES = ("sinusoidal", "learned", "rope", "alibi", "none")
@@ -353,22 +357,34 @@ def permutation_gap(fn, idx: torch.Tensor, perm: torch.Tensor) -> float:
     return (fn(idx[:, perm]) - fn(idx)[:, perm]).abs().max().item()
 
 
-@torch.no_grad()
-def loss_by_position(model: nn.Module, tokens: torch.Tensor, seq_len: int, n_windows: int = 64,
-                     batch_size: int = 16, seed: int = 0) -> torch.Tensor:
-    """Mean next-token loss (nats) at each position of windows of ``seq_len`` tokens: returns (T,).
-
-    tokens: 1-D stream. Windows start at seeded random offsets, so entry t is the loss with exactly t tokens
-    of context; the mean of the first L entries is the loss of a model evaluated with windows of length L.
-    model: idx (B, T) -> (logits (B, T, V), ...).
-    """
+def _windows(tokens: torch.Tensor, seq_len: int, n_windows: int, seed: int) -> torch.Tensor:
+    """(n_windows, seq_len + 1) slices of the 1-D stream at seeded random offsets (the same for every caller)."""
     _tensor("tokens", tokens, dims=1)
-    check_ints(1, seq_len=seq_len, n_windows=n_windows, batch_size=batch_size)
+    check_ints(1, seq_len=seq_len, n_windows=n_windows)
     if len(tokens) < seq_len + 1:
         raise ValueError(f"tokens has {len(tokens)} entries, need at least seq_len + 1 = {seq_len + 1}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(len(tokens) - seq_len, (n_windows,), generator=generator)
-    windows = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])   # (N, T + 1)
+    return torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def loss_by_position(model: nn.Module, tokens: torch.Tensor, seq_len: int, n_windows: int = 64,
+                     batch_size: int = 16, seed: int = 0) -> torch.Tensor:
+    """Mean next-token loss (nats) at each position of windows of ``seq_len`` tokens: returns (T,) on the CPU.
+
+    tokens: 1-D stream. Windows start at seeded random offsets, so entry t is the loss with exactly t tokens
+    of context; the mean of the first L entries is the loss of a model evaluated with windows of length L.
+    model: idx (B, T) -> (logits (B, T, V), ...); batches go to the model's device.
+    """
+    check_ints(1, batch_size=batch_size)
+    windows = _windows(tokens, seq_len, n_windows, seed).to(_model_device(model))     # (N, T + 1)
     was_training = model.training
     model.eval()
     total = torch.zeros(seq_len, dtype=torch.float64)
@@ -376,10 +392,76 @@ def loss_by_position(model: nn.Module, tokens: torch.Tensor, seq_len: int, n_win
         x, y = windows[i:i + batch_size, :-1], windows[i:i + batch_size, 1:]
         logits = model(x)[0]                                                    # (b, T, V)
         nll = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")      # (b, T)
-        total += nll.double().sum(0)
+        total += nll.double().sum(0).cpu()
     model.train(was_training)
     return (total / n_windows).float()
 
+
+@torch.no_grad()
+def sliding_window_loss(model: nn.Module, tokens: torch.Tensor, seq_len: int, window: int, stride: int,
+                        n_windows: int = 64, batch_size: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model re-run from scratch on the last ``window`` tokens before each scored position.
+
+    The windows of ``seq_len`` tokens are those of ``loss_by_position`` (same ``n_windows`` and ``seed``), so the
+    two can be compared position by position. For each end position e = window - 1, window - 1 + stride, ... <
+    seq_len, the tokens e - window + 1 .. e of each window are fed as a fresh sequence and only its last output
+    is scored (the next token e + 1). Returns (ends (E,) long, mean loss at each end (E,)), both on the CPU: the
+    loss at position e with ``window`` tokens of context, every token seen at a position it had in training.
+    """
+    check_ints(1, window=window, stride=stride, batch_size=batch_size)
+    if window > seq_len:
+        raise ValueError(f"window ({window}) must be <= seq_len ({seq_len})")
+    windows = _windows(tokens, seq_len, n_windows, seed)                        # (N, T + 1)
+    ends = torch.arange(window - 1, seq_len, stride)
+    chunks = torch.cat([windows[:, e - window + 1:e + 2] for e in ends.tolist()])   # (E * N, window + 1)
+    chunks = chunks.to(_model_device(model))
+    was_training = model.training
+    model.eval()
+    nll = []
+    for i in range(0, len(chunks), batch_size):
+        x, y = chunks[i:i + batch_size, :-1], chunks[i:i + batch_size, -1]
+        nll.append(F.cross_entropy(model(x)[0][:, -1], y, reduction="none").double().cpu())
+    model.train(was_training)
+    return ends, torch.cat(nll).view(len(ends), n_windows).mean(1).float()
+
+
+class _WindowedAttention(Attention):
+    """shared.model's Attention with each query limited to the last ``window`` keys (itself included)."""
+
+    window: int = 1
+
+    def _bias(self, T: int, T_k: int, device, dtype) -> torch.Tensor:
+        cfg = self.cfg
+        bias = super()._bias(T, T_k, device, dtype)
+        if bias is None:
+            bias = torch.zeros(1, T, T_k, device=device, dtype=dtype)
+        q_pos = torch.arange(T_k - T, T_k, device=device)[:, None]
+        k_pos = torch.arange(T_k, device=device)[None, :]
+        outside = q_pos - k_pos >= self.window
+        if cfg.causal:
+            outside = outside | (k_pos > q_pos)
+        return bias.masked_fill(outside, float("-inf"))
+
+
+@contextmanager
+def attention_window(model: nn.Module, window: int):
+    """Inside the block, every attention layer of a shared.model GPT lets query t see keys t - window + 1 .. t only.
+
+    Nothing else changes (weights, positions, the whole long context still flows through the residual stream of
+    each token). The layers get their own class back on exit.
+    """
+    check_ints(1, window=window)
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not all(type(b.attn) is Attention for b in blocks):
+        raise TypeError("attention_window needs a shared.model GPT whose blocks use the built-in Attention")
+    windowed = type("WindowedAttention", (_WindowedAttention,), {"window": window})
+    try:
+        for b in blocks:
+            b.attn.__class__ = windowed
+        yield model
+    finally:
+        for b in blocks:
+            b.attn.__class__ = Attention
 
 
 def attention_entropy(weights: torch.Tensor) -> torch.Tensor:

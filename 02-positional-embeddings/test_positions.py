@@ -396,3 +396,91 @@ def test_loss_by_position_matches_mean_loss_and_bad_args():
         P.loss_by_position(model, tokens[None], T)
     with pytest.raises(ValueError, match="n_windows"):
         P.loss_by_position(model, tokens, T, n_windows=0)
+
+
+def _tiny_gpt(pos, n_layer, V=11, T=24, seed=0):
+    from shared.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=V, block_size=T, n_layer=n_layer, n_head=2, d_model=16, pos=pos)).eval()
+    for p in model.parameters():                      # random weights large enough that attention is not uniform
+        p.data.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("pos", ["none", "rope", "alibi"])
+def test_attention_window_limits_each_query_and_restores(pos):
+    from shared.model import Attention
+
+    model, x = _tiny_gpt(pos, 2), torch.randint(0, 11, (3, 24))
+    with torch.no_grad():
+        full = model(x)[0]
+        with P.attention_window(model, 24):           # a window as long as the input: the plain model
+            torch.testing.assert_close(model(x)[0], full, rtol=1e-5, atol=1e-5)
+        with P.attention_window(model, 4):
+            windowed = model(x)[0]
+            x2 = x.clone()
+            x2[:, :10] = (x2[:, :10] + 1) % 11         # change tokens 0..9: with 2 layers of 4 keys, position t sees
+            changed = model(x2)[0]                     # tokens t-6..t only, so positions >= 16 cannot move
+            maps = model.attention_maps(x)
+    assert all(type(b.attn) is Attention for b in model.blocks)              # class restored on exit
+    torch.testing.assert_close(changed[:, 16:], windowed[:, 16:], rtol=1e-5, atol=1e-5)
+    assert (changed[:, :10] - windowed[:, :10]).abs().max() > 1e-3
+    assert (windowed[:, 10:] - full[:, 10:]).abs().max() > 1e-3              # the window did cut something
+    q, k = torch.arange(24)[:, None], torch.arange(24)[None]
+    assert all(a[..., (q - k >= 4) | (k > q)].abs().max() == 0 for a in maps)   # no weight outside the band
+
+
+def test_attention_window_bad_args():
+    with pytest.raises(ValueError, match="window"):
+        with P.attention_window(_tiny_gpt("none", 1), 0):
+            pass
+    with pytest.raises(TypeError, match="shared.model GPT"):
+        with P.attention_window(nn.Linear(2, 2), 4):
+            pass
+
+
+@pytest.mark.parametrize("pos", ["none", "rope"])
+def test_sliding_window_loss_matches_windowed_attention_for_one_layer(pos):
+    # One layer: query e limited to its last W keys sees exactly the tokens of the fresh re-run, at the same
+    # relative offsets, so the two losses agree; with two layers NoPE's keys differ (they averaged other prefixes).
+    T, W = 24, 6
+    tokens = torch.randint(0, 11, (300,), generator=torch.Generator().manual_seed(1))
+    one = _tiny_gpt(pos, 1)
+    ends, rerun = P.sliding_window_loss(one, tokens, T, W, stride=3, n_windows=8, batch_size=5, seed=2)
+    assert ends.tolist() == list(range(W - 1, T, 3)) and rerun.shape == ends.shape
+    with P.attention_window(one, W):
+        banded = P.loss_by_position(one, tokens, T, n_windows=8, seed=2)
+    torch.testing.assert_close(rerun, banded[ends], rtol=1e-4, atol=1e-4)
+    # at the full length and stride 1 the re-run is the plain loss at the last position
+    _, last = P.sliding_window_loss(one, tokens, T, T, stride=1, n_windows=8, seed=2)
+    torch.testing.assert_close(last, P.loss_by_position(one, tokens, T, n_windows=8, seed=2)[-1:], rtol=1e-4, atol=1e-4)
+    if pos == "none":
+        two = _tiny_gpt(pos, 2)
+        _, rerun2 = P.sliding_window_loss(two, tokens, T, W, stride=3, n_windows=8, seed=2)
+        with P.attention_window(two, W):
+            banded2 = P.loss_by_position(two, tokens, T, n_windows=8, seed=2)
+        assert (rerun2[1:] - banded2[ends][1:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="window"):
+        P.sliding_window_loss(one, tokens, T, T + 1, stride=1)
+    with pytest.raises(ValueError, match="stride"):
+        P.sliding_window_loss(one, tokens, T, W, stride=0)
+
+
+def test_model_facing_helpers_move_inputs_to_the_models_device():
+    # The model on `meta` (no GPU needed): every batch a helper builds must reach it on `meta`; the helpers may stop
+    # at their first read of a value (meta tensors have none), which is not a device mismatch.
+    from shared.validate import device_guard
+
+    model = _tiny_gpt("none", 2).to("meta")
+    tokens = torch.randint(0, 11, (200,))
+    calls = [lambda: P.loss_by_position(model, tokens, 24, n_windows=4),
+             lambda: P.sliding_window_loss(model, tokens, 24, 6, stride=6, n_windows=4)]
+    with device_guard(model):
+        for call in calls:
+            try:
+                call()
+            except (NotImplementedError, RuntimeError) as err:
+                assert "device" not in str(err).lower() or "meta" in str(err).lower(), err
+        with P.attention_window(model, 6):
+            assert model(tokens[:24][None].to("meta"))[0].shape == (1, 24, 11)
