@@ -137,7 +137,7 @@ def with_attention(model, attn_factory=None):
     scaled RoPE table. Strict loading: a model whose other parts differ from the default GPT raises."""
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a shared.model.GPT, got {type(model).__name__}")
-    copy = GPT(model.cfg, attn_factory=attn_factory)
+    copy = GPT(model.cfg, attn_factory=attn_factory).to(next(model.parameters()).device)   # on the model's device
     copy.load_state_dict(model.state_dict())
     return copy.eval()
 
@@ -154,7 +154,7 @@ def renumbered_attention_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     for p in range(T):
         seen = [j for j in range(p + 1) if p - j < window or j < sinks]
-        cos, sin = rope_cos_sin(torch.arange(len(seen)), D, theta, q.dtype)
+        cos, sin = rope_cos_sin(torch.arange(len(seen), device=q.device), D, theta, q.dtype)
         kr = apply_rope(k[:, :, seen], cos, sin)
         qr = apply_rope(q[:, :, p:p + 1], cos[-1:], sin[-1:])
         w = (qr @ kr.transpose(-2, -1) / math.sqrt(D)).softmax(dim=-1)
@@ -171,11 +171,46 @@ def loss_by_position(model, stream: torch.Tensor, length: int, n_seq: int) -> to
         raise TypeError("stream must be a 1-D tensor of token ids")
     if len(stream) < n_seq * length + 1:
         raise ValueError(f"stream has {len(stream)} tokens, need n_seq * length + 1 = {n_seq * length + 1}")
-    x = stream[:n_seq * length].view(n_seq, length)
-    y = stream[1:n_seq * length + 1].view(n_seq, length)
+    dev = next(model.parameters()).device
+    x = stream[:n_seq * length].view(n_seq, length).to(dev)
+    y = stream[1:n_seq * length + 1].view(n_seq, length).to(dev)
     with torch.no_grad():
         logits = model(x)[0]
-    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(0)
+    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(0).cpu()
+
+
+def aligned_windows(stream: torch.Tensor, length: int, n: int, first_token: int,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` windows of `length` tokens that all start with the same `first_token` (a BOS, as every document of a real
+    LLM's training does), the rest a random stretch of the 1-D `stream`: x (n, length) = [first_token, s_0 ..
+    s_{length-2}], y (n, length) = [s_0 .. s_{length-1}] (position 0 predicts the stretch's first token).
+    `generator` (a CPU torch.Generator) picks the starts; the tensors are on the CPU."""
+    check_int("length", length, 1)
+    check_int("n", n, 1)
+    check_int("first_token", first_token, 0)
+    if not isinstance(stream, torch.Tensor) or stream.dim() != 1:
+        raise TypeError("stream must be a 1-D tensor of token ids")
+    if len(stream) < length + 1:
+        raise ValueError(f"stream has {len(stream)} tokens, need at least length + 1 = {length + 1}")
+    starts = torch.randint(0, len(stream) - length, (n,), generator=generator)
+    y = torch.stack([stream[i:i + length] for i in starts.tolist()])
+    x = torch.cat([torch.full((n, 1), first_token, dtype=y.dtype), y[:, :-1]], dim=1)
+    return x, y
+
+
+def aligned_loss(model, stream: torch.Tensor, length: int, n: int, first_token: int, seed: int = 1,
+                 batch_size: int = 8) -> torch.Tensor:
+    """Next-token loss (nats) at every position of `n` aligned windows (`aligned_windows`, starts drawn with `seed`):
+    (n, length) on the CPU; its mean is the validation loss at `length`, its column means the loss by position."""
+    check_int("batch_size", batch_size, 1)
+    x, y = aligned_windows(stream, length, n, first_token, torch.Generator().manual_seed(seed))
+    dev = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            logits = model(x[i:i + batch_size].to(dev))[0]
+            out.append(F.cross_entropy(logits.transpose(1, 2), y[i:i + batch_size].to(dev), reduction="none").cpu())
+    return torch.cat(out)
 
 
 def kv_cache_bytes_formula(n_layer: int, batch: int, n_kv_head: int, head_dim: int, slots: int,
@@ -349,16 +384,17 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: 
     out = torch.empty_like(q)
     for qs in range(0, T, block_q):
         qb = q[:, :, qs:qs + block_q] / math.sqrt(D)                     # (B, H, bq, D)
-        q_pos = torch.arange(qs, qs + qb.shape[2]) + offset
-        m = torch.full(qb.shape[:3], float("-inf"), dtype=q.dtype)       # running max (B, H, bq)
-        l = torch.zeros(qb.shape[:3], dtype=q.dtype)                     # running sum of exp
+        q_pos = torch.arange(qs, qs + qb.shape[2], device=q.device) + offset
+        m = torch.full(qb.shape[:3], float("-inf"), dtype=q.dtype, device=q.device)   # running max (B, H, bq)
+        l = torch.zeros(qb.shape[:3], dtype=q.dtype, device=q.device)                 # running sum of exp
         acc = torch.zeros_like(qb)                                       # running sum of exp * v
-        k_end = min(T_k, int(q_pos[-1]) + 1) if causal else T_k
-        k_start = 0 if window is None else max(0, int(q_pos[0]) - window + 1) // block_k * block_k
+        q_first, q_last = qs + offset, qs + qb.shape[2] - 1 + offset     # python ints: no read of a device value
+        k_end = min(T_k, q_last + 1) if causal else T_k
+        k_start = 0 if window is None else max(0, q_first - window + 1) // block_k * block_k
         for ks in range(k_start, k_end, block_k):
             s = qb @ k[:, :, ks:ks + block_k].transpose(-2, -1)           # (B, H, bq, bk)
             if causal:
-                k_pos = torch.arange(ks, ks + s.shape[-1])
+                k_pos = torch.arange(ks, ks + s.shape[-1], device=q.device)
                 hidden = k_pos[None, :] > q_pos[:, None]
                 if window is not None:
                     hidden |= q_pos[:, None] - k_pos[None, :] >= window
@@ -383,7 +419,7 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window
         raise ValueError(f"need q (B, H, T, D) and k, v (B, H, T_k, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     T, T_k = q.shape[2], k.shape[2]
-    q_pos, k_pos = torch.arange(T_k - T, T_k), torch.arange(T_k)
+    q_pos, k_pos = torch.arange(T_k - T, T_k, device=q.device), torch.arange(T_k, device=q.device)
     visible = band_mask(q_pos, k_pos, window) if window is not None else k_pos[None, :] <= q_pos[:, None]
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1) @ v

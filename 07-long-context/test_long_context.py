@@ -453,3 +453,62 @@ def test_accuracy_by_bin_and_collapse():
         lc.accuracy_by_bin(hits, dist, [0, 0])
     with pytest.raises(ValueError, match="one accuracy per bin"):
         lc.collapse_distance([0, 10], [0.5, 0.5], 0.5)
+
+
+def test_aligned_windows_start_with_the_fixed_token():
+    stream = torch.arange(100, 300)
+    x, y = lc.aligned_windows(stream, 16, 5, 7, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (5, 16) and (x[:, 0] == 7).all()
+    assert torch.equal(x[:, 1:], y[:, :-1])                                  # the rest: the stretch, shifted by one
+    assert ((y[:, 1:] - y[:, :-1]) == 1).all()                               # consecutive tokens of the stream
+    x2, _ = lc.aligned_windows(stream, 16, 5, 7, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)                                                # seeded
+    with pytest.raises(ValueError, match="need at least"):
+        lc.aligned_windows(stream[:10], 16, 1, 0)
+    with pytest.raises(TypeError, match="1-D"):
+        lc.aligned_windows(stream.view(2, 100), 4, 1, 0)
+    with pytest.raises(ValueError):
+        lc.aligned_windows(stream, 0, 1, 0)
+    with pytest.raises(ValueError):
+        lc.aligned_windows(stream, 4, 1, -1)
+
+
+def test_aligned_loss_matches_cross_entropy():
+    torch.manual_seed(0)
+    model = GPT(tiny_cfg()).eval()
+    stream = torch.randint(0, 40, (300,))
+    per = lc.aligned_loss(model, stream, 12, 5, 3, seed=4, batch_size=2)      # batches of 2, 2, 1
+    x, y = lc.aligned_windows(stream, 12, 5, 3, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = F.cross_entropy(model(x)[0].transpose(1, 2), y, reduction="none")
+    assert per.shape == (5, 12) and torch.allclose(per, ref, atol=1e-5)
+    with pytest.raises(ValueError):
+        lc.aligned_loss(model, stream, 12, 5, 3, batch_size=0)
+
+
+def test_model_facing_helpers_keep_inputs_on_the_model_device():
+    # The model on `meta` (no values): a helper that left a batch on the CPU raises the guard's device-mismatch
+    # ValueError; one that moved it gets as far as its first read of a value (NotImplementedError/RuntimeError).
+    from shared.validate import device_guard
+
+    torch.manual_seed(0)
+    base = GPT(tiny_cfg(), attn_factory=lc.ScaledRopeAttention).to("meta")
+    stream = torch.randint(0, 40, (300,))
+    calls = [
+        lambda: lc.aligned_loss(base, stream, 12, 2, 3),
+        lambda: lc.loss_by_position(base, stream, 12, 2),
+        lambda: lc.with_attention(base, lc.sliding_factory(8, sinks=2, renumber=True))(
+            torch.zeros(1, 12, dtype=torch.long, device="meta")),
+        lambda: lc.set_rope_scaling(base, "yarn", 16, 64) or base(torch.zeros(1, 12, dtype=torch.long, device="meta")),
+    ]
+    for call in calls:
+        with device_guard(base):
+            try:
+                call()
+            except (NotImplementedError, RuntimeError) as exc:
+                assert "device mismatch" not in str(exc)
+    copy = lc.with_attention(base, lc.sliding_factory(8))
+    assert next(copy.parameters()).device.type == "meta"                     # the copy lives on the model's device
+    q = torch.zeros(1, 2, 20, 8, device="meta")
+    assert lc.tiled_attention(q, q, q, 8, 8, window=6).device.type == "meta"
+    assert lc.explicit_attention(q, q, q, window=6).device.type == "meta"
