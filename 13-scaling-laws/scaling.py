@@ -90,6 +90,8 @@ def count_step_flops(model, x: torch.Tensor, y: torch.Tensor, math_attention: bo
     """
     if x.dim() != 2 or x.shape != y.shape:
         raise ValueError(f"x and y must be (B, T) of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    dev = next(model.parameters()).device
+    x, y = x.to(dev), y.to(dev)
     backends = [SDPBackend.MATH] if math_attention else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(backends), FlopCounterMode(display=False) as counter:
         _, loss = model(x, y)
@@ -101,11 +103,15 @@ def count_step_flops(model, x: torch.Tensor, y: torch.Tensor, math_attention: bo
 # Fits
 @dataclass
 class LossFit:
-    """L(N) = E + A * N^-alpha (E = 0 for the pure power law). `predict(n)` evaluates it."""
+    """L(N) = E + A * N^-alpha (E = 0 for the pure power law). `predict(n)` evaluates it. `on_bound` names the
+    fitted parameters that ended on a bound of the fit (a value there is the bound's, not the data's);
+    `E_fixed` is True when E was given, not fitted."""
     E: float
     A: float
     alpha: float
     floor: bool
+    on_bound: tuple = ()
+    E_fixed: bool = False
 
     def predict(self, n) -> np.ndarray:
         return self.E + self.A * np.asarray(n, dtype=float) ** -self.alpha
@@ -122,14 +128,25 @@ def _check_points(n, loss) -> tuple[np.ndarray, np.ndarray]:
     return n, loss
 
 
-def fit_loss_curve(n, loss, floor: bool = True) -> LossFit:
+def fit_loss_curve(n, loss, floor: bool = True, E: float | None = None) -> LossFit:
     """Least-squares fit of L(N) = E + A·N^-alpha (floor=True) or A·N^-alpha (floor=False) to points (n_i, loss_i).
 
-    Fitted in the variable log N (A is parametrised as exp(a + alpha·log n_ref) around the geometric-mean size so
-    the parameters are of order 1); E is bounded to [0, min(loss)), alpha to [0, 3]. Residuals are in loss units
-    for both forms, so the two fits are judged by one criterion.
+    Free E: fitted in the variable log N (A is parametrised as exp(a + alpha·log n_ref) around the geometric-mean
+    size so the parameters are of order 1); E is bounded to [0, min(loss)), alpha to [0, 3]; residuals in loss
+    units for both forms. Parameters that end on a bound are listed in `on_bound`.
+    Fixed E (`E=` a known floor, e.g. the corpus's entropy rate): a straight line through log(L - E) vs log N
+    (ordinary least squares, i.e. relative errors on the excess), every loss must lie above E.
     """
     n, loss = _check_points(n, loss)
+    if E is not None:
+        if not floor:
+            raise ValueError("E is given but floor=False: a fixed E needs the floor form")
+        if isinstance(E, bool) or not isinstance(E, (int, float, np.floating)) or not math.isfinite(E) or E < 0:
+            raise ValueError(f"E must be a finite number >= 0, got {E!r}")
+        if np.any(loss <= E):
+            raise ValueError(f"every loss must lie above the fixed E = {E}, the lowest is {loss.min()}")
+        slope, intercept = np.polyfit(np.log(n), np.log(loss - E), 1)
+        return LossFit(E=float(E), A=float(math.exp(intercept)), alpha=float(-slope), floor=True, E_fixed=True)
     x = np.log(n) - np.log(n).mean()                          # centred log-size: the fit is well conditioned
 
     if floor:
@@ -145,11 +162,15 @@ def fit_loss_curve(n, loss, floor: bool = True) -> LossFit:
     params, _ = curve_fit(f, x, loss, p0=p0, bounds=bounds, maxfev=20000)
     E, a, alpha = params if floor else (0.0, *params)
     A = math.exp(a + alpha * np.log(n).mean())                # back to A·N^-alpha in raw N
-    return LossFit(E=float(E), A=float(A), alpha=float(alpha), floor=floor)
+    tol = 1e-4 * loss.min()                                   # "on a bound": within 0.01 % of the loss scale
+    on_bound = tuple(name for name, hit in (
+        ("E", floor and (E <= tol or E >= loss.min() - tol)),
+        ("alpha", alpha <= 1e-6 or alpha >= 3 - 1e-6)) if hit)
+    return LossFit(E=float(E), A=float(A), alpha=float(alpha), floor=floor, on_bound=on_bound)
 
 
 def bootstrap_fit(n, loss, n_boot: int = 200, seed: int = 0, floor: bool = True,
-                  min_sizes: int = 4) -> list[LossFit]:
+                  min_sizes: int = 4, E: float | None = None) -> list[LossFit]:
     """Refit on `n_boot` resamples (with replacement) of the (size, loss) points; resamples with fewer than
     `min_sizes` distinct sizes are drawn again. Spread of the returned fits' alpha/E = the fit's uncertainty."""
     n, loss = _check_points(n, loss)
@@ -161,7 +182,7 @@ def bootstrap_fit(n, loss, n_boot: int = 200, seed: int = 0, floor: bool = True,
     while len(fits) < n_boot:
         i = rng.integers(0, len(n), len(n))
         if len(np.unique(n[i])) >= min_sizes:
-            fits.append(fit_loss_curve(n[i], loss[i], floor=floor))
+            fits.append(fit_loss_curve(n[i], loss[i], floor=floor, E=E))
     return fits
 
 
@@ -233,6 +254,7 @@ def story_token_losses(model, tokenizer, texts: list[str], batch_size: int = 50)
     eos = tokenizer.eos_token_id
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     was_training = model.training
+    dev = next(model.parameters()).device
     model.eval()
     out = []
     for i in range(0, len(ids), batch_size):
@@ -243,8 +265,10 @@ def story_token_losses(model, tokenizer, texts: list[str], batch_size: int = 50)
         for j, c in enumerate(chunk):
             x[j, 1:len(c)] = torch.tensor(c[:-1])
             y[j, :len(c)] = torch.tensor(c)
-        logits, _ = model(x)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100, reduction="none")
+        with torch.no_grad():
+            logits, _ = model(x.to(dev))
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y.to(dev), ignore_index=-100,
+                                                reduction="none").cpu()
         out.extend(nll[j, :len(c)] for j, c in enumerate(chunk))
     model.train(was_training)
     return out
@@ -284,14 +308,15 @@ class WSDRun:
 def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, seq_len: int, lr: float,
               warmup: int | None = None, cooldown: float = 0.2, weight_decay: float = 0.1,
               grad_clip: float | None = 1.0, seed: int = 0, betas=(0.9, 0.95),
-              mid_run: bool = True) -> WSDRun:
+              mid_run: bool = True, probes=()) -> WSDRun:
     """Train `model` in place for max(ends) steps with a WSD schedule; branch a cooldown for every shorter end.
 
     Each branch starts from a copy of the model, the AdamW state and the batch generator at step
     S - round(cooldown·S) and decays to step S: it is, step for step, the run a fresh WSD training of S steps
     would do (same batches, same rates), at the cost of its decay steps only. `evaluate(model) -> float` is
     called on every branch's end (cooled) and, if `mid_run`, on the main run as it passes each shorter end
-    (uncooled; `mid_run=False` skips those evaluations, which change nothing else).
+    (uncooled; `mid_run=False` skips those evaluations, which change nothing else). `probes`: further steps at
+    which the main run is evaluated (uncooled, stored in `run.uncooled` too; they change nothing else).
     Batches: random windows (B, seq_len) of `tokens` from a generator seeded with `seed`, as `shared.train` draws
     them; AdamW with decay on matrices only (`shared.train.make_optimizer`).
     """
@@ -311,17 +336,25 @@ def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, s
     if not 0 < cooldown < 1:
         raise ValueError(f"cooldown must be a fraction in (0, 1), got {cooldown}")
     last = ends[-1]
+    probes = {check_int("each of probes", p, 1) for p in probes}
+    if any(p >= last for p in probes):
+        raise ValueError(f"probes must lie before the last end {last}, got {sorted(probes)}")
     warmup = max(1, last // 20) if warmup is None else warmup
     forks = {e - max(1, round(cooldown * e)): e for e in ends[:-1]}
     if min(forks, default=warmup) < warmup:
         raise ValueError(f"every branch must start after the warm-up ({warmup} steps): shortest end {ends[0]} "
                          f"with cooldown {cooldown} forks at step {min(forks)}")
 
+    def _sync(m):                                          # a GPU runs asynchronously: wait before the clock
+        if next(m.parameters()).device.type == "cuda":
+            torch.cuda.synchronize()
+
     def step_once(m, opt, g, step, end):
         for group in opt.param_groups:
             group["lr"] = wsd_lr(step, end, lr, warmup, cooldown)
         x, y = random_windows(tokens, seq_len, batch_size, g)
-        return train_step(m, opt, x, y, grad_clip)             # the shared optimizer step
+        dev = next(m.parameters()).device
+        return train_step(m, opt, x.to(dev), y.to(dev), grad_clip)             # the shared optimizer step
 
     opt = make_optimizer(model, lr, weight_decay, betas)
     g = torch.Generator().manual_seed(seed)
@@ -338,17 +371,19 @@ def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, s
             t0 = time.perf_counter()
             for s in range(step, end):
                 step_once(m2, opt2, g2, s, end)
+            _sync(m2)
             seconds += time.perf_counter() - t0
             run.cooled[end] = float(evaluate(m2))
             model.train()
-        if mid_run and step in ends and step < last - max(1, round(cooldown * last)) + 1:
+        if (mid_run and step in ends and step < last - max(1, round(cooldown * last)) + 1) or step in probes:
             run.uncooled[step] = float(evaluate(model))    # main run at step S, still at the constant rate
             model.train()
         t0 = time.perf_counter()
         losses.append(step_once(model, opt, g, step, last))
+        _sync(model)
         seconds += time.perf_counter() - t0
     run.cooled[last] = float(evaluate(model))
-    run.train_loss = torch.stack(losses).tolist()
+    run.train_loss = torch.stack(losses).cpu().tolist()
     run.seconds = seconds
     return run
 
@@ -391,6 +426,8 @@ def saved_tensor_bytes(model, x: torch.Tensor, y: torch.Tensor) -> int:
     """
     if x.dim() != 2 or x.shape != y.shape:
         raise ValueError(f"x and y must be (B, T) of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    dev = next(model.parameters()).device
+    x, y = x.to(dev), y.to(dev)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 

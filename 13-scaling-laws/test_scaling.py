@@ -272,3 +272,66 @@ def test_isoflop_minimum_fits_locally_and_reports_edges():
         scaling.isoflop_minimum([3, 2, 1], [1, 0, 1])
     with pytest.raises(ValueError, match="half_width"):
         scaling.isoflop_minimum(n, loss, half_width=0)
+
+
+def test_fit_with_the_floor_fixed_recovers_a_known_curve_and_flags_bounds():
+    n = np.geomspace(1e3, 1e5, 6)
+    truth = scaling.LossFit(E=0.3, A=50.0, alpha=0.6, floor=True)
+    fixed = scaling.fit_loss_curve(n, truth.predict(n), E=0.3)
+    assert fixed.E_fixed and fixed.E == 0.3 and fixed.on_bound == ()
+    np.testing.assert_allclose([fixed.A, fixed.alpha], [50.0, 0.6], rtol=1e-9)
+    slope, icpt = np.polyfit(np.log(n), np.log(truth.predict(n) - 0.3), 1)      # the reference: a straight line
+    assert math.isclose(fixed.alpha, -slope) and math.isclose(fixed.A, math.exp(icpt))
+    # a pure power law has no floor: the free fit pins E at its lower bound and says so
+    free = scaling.fit_loss_curve(n, 5.0 * n ** -0.3)
+    assert "E" in free.on_bound and free.E < 1e-4
+    boots = scaling.bootstrap_fit(np.repeat(n, 2), np.repeat(truth.predict(n), 2), n_boot=5, E=0.3)
+    assert all(b.E == 0.3 and b.E_fixed for b in boots)
+    with pytest.raises(ValueError, match="above the fixed E"):
+        scaling.fit_loss_curve(n, truth.predict(n), E=0.35)
+    with pytest.raises(ValueError, match="floor=False"):
+        scaling.fit_loss_curve(n, truth.predict(n), floor=False, E=0.1)
+    with pytest.raises(ValueError, match="E must be"):
+        scaling.fit_loss_curve(n, truth.predict(n), E=-1.0)
+
+
+def test_wsd_probes_evaluate_the_main_run_and_change_nothing_else():
+    cfg = scaling.config(16, 1, 1, 97, 16)
+    tokens = torch.randint(0, 97, (2000,), generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def ev(m):
+        calls.append(1)
+        return float(sum(p.sum() for p in m.parameters()))
+    kw = dict(ends=(10, 20), batch_size=2, seq_len=16, lr=1e-3, warmup=2, seed=0)
+    torch.manual_seed(0)
+    plain = scaling.train_wsd(GPT(cfg), tokens, ev, **kw)
+    torch.manual_seed(0)
+    probed = scaling.train_wsd(GPT(cfg), tokens, ev, probes=(5, 12), **kw)
+    assert probed.cooled == plain.cooled and probed.train_loss == plain.train_loss
+    assert set(probed.uncooled) == {5, 10, 12} and probed.uncooled[10] == plain.uncooled[10]
+    with pytest.raises(ValueError, match="probes"):
+        scaling.train_wsd(GPT(cfg), tokens, ev, probes=(20,), **kw)
+
+
+def test_model_facing_helpers_move_their_inputs_to_the_model_device():
+    # the model on `meta` (no values): a helper that left a batch on the CPU is stopped by the guard with a
+    # device-mismatch ValueError; one that moves it may still stop at its first read of a value, which is fine
+    from shared.tokenizer import train_tokenizer
+    from shared.validate import device_guard
+    cfg = scaling.config(16, 1, 1, 97, 16)
+    model = GPT(cfg).to("meta")
+    x = torch.randint(0, 97, (2, 16))
+    tokens = torch.randint(0, 97, (500,))
+    tok = train_tokenizer(["the cat sat on the mat"] * 20, 300)
+    calls = [lambda: scaling.count_step_flops(model, x, x),
+             lambda: scaling.saved_tensor_bytes(model, x, x),
+             lambda: scaling.story_token_losses(model, tok, ["the cat sat"]),
+             lambda: scaling.train_wsd(model, tokens, lambda m: 0.0, ends=(4,), batch_size=2, seq_len=8,
+                                       lr=1e-3, warmup=1)]
+    with device_guard(model):
+        for call in calls:
+            try:
+                call()
+            except (NotImplementedError, RuntimeError) as e:      # a value read on meta, after the device plumbing
+                assert "device mismatch" not in str(e)

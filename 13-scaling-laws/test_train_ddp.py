@@ -1,5 +1,6 @@
-"""train_ddp.py on real engines, on CPU: 2 processes under torchrun (DDP over gloo, DeepSpeed ZeRO-2) take the same
-steps as one plain process at the same global batch. About 30 s on 2 idle cores (process start-up dominates).
+"""train_ddp.py on real engines: 2 processes under torchrun (DDP, DeepSpeed ZeRO-1 and ZeRO-2) take the same steps as
+one plain process at the same global batch; on CPU over gloo unless two GPUs exist (`train_ddp.launch_plan`).
+About 40 s on 2 idle cores (process start-up dominates).
 
 Tolerance: the losses agree to atol 1e-4 over 20 AdamW steps. Two processes add the two halves' gradients in
 another order than one process does (float rounding, ~1e-7 per step, measured 5e-7 after 20 steps); the
@@ -13,12 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import train_ddp
 
 HERE = Path(__file__).resolve().parent
 COMMON = ["--steps", "20", "--seq-len", "32", "--d-model", "32", "--n-layer", "2", "--n-head", "2",
           "--n-stories", "200"]
+# never two ranks on one GPU: two CPU processes over gloo unless two GPUs exist; every run (the single-process
+# reference included) on the same kind of device
+_NPROC, _EXTRA = train_ddp.launch_plan(2, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+COMMON = COMMON + _EXTRA
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TORCH_CPP_LOG_LEVEL": "ERROR"}
 
 
@@ -40,7 +46,7 @@ def single(tmp_path_factory):
 
 
 def test_ddp_two_processes_equal_one_process(single, tmp_path):
-    ddp = _run(tmp_path, "ddp", ["--global-batch", "8"], nproc=2)
+    ddp = _run(tmp_path, "ddp", ["--global-batch", "8"], nproc=_NPROC)
     half = _run(tmp_path, "half", ["--global-batch", "4"])         # control: what one rank alone would train on
     assert ddp["world_size"] == 2 and ddp["local_batch"] == 4 and single["world_size"] == 1
     one, two, ctrl = (np.array(r["losses"]) for r in (single, ddp, half))
@@ -49,10 +55,12 @@ def test_ddp_two_processes_equal_one_process(single, tmp_path):
     assert np.abs(ctrl - one).max() > 1e-2                          # the tolerance tells a wrong batch apart
 
 
-def test_deepspeed_zero2_two_processes_equal_one_process(single, tmp_path):
+@pytest.mark.parametrize("zero", [1, 2])
+def test_deepspeed_zero_two_processes_equal_one_process(single, tmp_path, zero):
+    # ZeRO-1 shards the AdamW states across the two processes, ZeRO-2 also the gradients: same steps either way
     pytest.importorskip("deepspeed")
-    ds = _run(tmp_path, "ds", ["--global-batch", "8", "--engine", "deepspeed", "--zero", "2"], nproc=2)
-    assert ds["engine"] == "deepspeed" and ds["zero"] == 2 and ds["world_size"] == 2
+    ds = _run(tmp_path, "ds", ["--global-batch", "8", "--engine", "deepspeed", "--zero", str(zero)], nproc=_NPROC)
+    assert ds["engine"] == "deepspeed" and ds["zero"] == zero and ds["world_size"] == 2
     np.testing.assert_allclose(np.array(ds["losses"]), np.array(single["losses"]), rtol=0, atol=1e-4)
 
 
@@ -83,3 +91,13 @@ def test_backend_is_nccl_with_cuda_and_gloo_without():
     assert train_ddp.backend(False) == "gloo"
     with pytest.raises(TypeError, match="cuda"):
         train_ddp.backend("yes")
+
+
+def test_launch_plan_never_puts_two_processes_on_one_gpu():
+    assert train_ddp.launch_plan(2, 0) == (2, ["--cpu"])          # CPU machine: gloo
+    assert train_ddp.launch_plan(2, 1) == (2, ["--cpu"])          # one GPU: not two ranks on it
+    assert train_ddp.launch_plan(2, 8) == (2, [])                 # enough GPUs: NCCL, one per rank
+    with pytest.raises(ValueError, match="world"):
+        train_ddp.launch_plan(0, 0)
+    with pytest.raises(ValueError, match="cuda_devices"):
+        train_ddp.launch_plan(2, True)

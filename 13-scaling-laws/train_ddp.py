@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--out", default=None, help="JSON file for rank 0's losses")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU with gloo even where CUDA is present")
     args = p.parse_args(argv)
     for name in ("steps", "global_batch", "seq_len", "n_stories", "threads"):
         if getattr(args, name) < 1:
@@ -57,6 +58,16 @@ def backend(cuda: bool) -> str:
     if not isinstance(cuda, bool):
         raise TypeError(f"cuda must be a bool (torch.cuda.is_available()), got {type(cuda).__name__}")
     return "nccl" if cuda else "gloo"
+
+
+def launch_plan(world: int = 2, cuda_devices: int = 0) -> tuple[int, list[str]]:
+    """(nproc_per_node, extra script arguments) for a `world`-process run on this machine: one process per GPU
+    (NCCL) when at least `world` GPUs exist, otherwise `world` CPU processes over gloo (`--cpu`), never two
+    processes on one GPU. `cuda_devices`: torch.cuda.device_count() (0 without CUDA)."""
+    for name, v, lo in (("world", world, 1), ("cuda_devices", cuda_devices, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return (world, []) if cuda_devices >= world else (world, ["--cpu"])
 
 
 def story_bytes(n_stories: int, seed: int = 0):
@@ -79,7 +90,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     distributed = "RANK" in os.environ
-    use_cuda = torch.cuda.is_available()
+    use_cuda = torch.cuda.is_available() and not args.cpu
     if distributed and args.engine == "ddp":
         dist.init_process_group(backend(use_cuda))
     elif args.engine == "deepspeed":
