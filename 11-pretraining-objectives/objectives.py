@@ -213,15 +213,18 @@ def masked_lm(windows: torch.Tensor, special: SpecialIds, generator: torch.Gener
 
 
 def fim_psm(windows: torch.Tensor, special: SpecialIds, generator: torch.Generator | None = None,
-            fim_rate: float = 0.5):
+            fim_rate: float = 0.5, order: str = "psm"):
     """Fill-in-the-middle, prefix-suffix-middle order (Bavarian et al. 2022): with probability `fim_rate` a row's
     document (its first T - 2 tokens) is cut at two random points into prefix / middle / suffix and rearranged as
 
         <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|> middle
 
     (T + 1 tokens), then trained as plain next-token prediction with the causal mask. Other rows stay causal LM.
-    Same T + 1 tokens per row as every other objective."""
+    Same T + 1 tokens per row as every other objective. order="spm" is the paper's suffix-prefix-middle variant,
+    <|fim_prefix|> <|fim_suffix|> suffix <|fim_middle|> prefix middle: the middle continues the prefix directly."""
     _check_probs(fim_rate=fim_rate)
+    if order not in ("psm", "spm"):
+        raise ValueError(f"order must be 'psm' or 'spm', got {order!r}")
     B, T1 = windows.shape
     rows = windows.clone()
     doc_len = T1 - 3                                                       # 3 sentinels make it T + 1 again
@@ -232,16 +235,20 @@ def fim_psm(windows: torch.Tensor, special: SpecialIds, generator: torch.Generat
     for b in torch.nonzero(use).flatten().tolist():
         doc = windows[b, :doc_len]
         i, j = cuts[b].tolist()
-        rows[b] = torch.cat([torch.tensor([special.fim_prefix]), doc[:i], torch.tensor([special.fim_suffix]),
-                             doc[j:], torch.tensor([special.fim_middle]), doc[i:j]])
+        rows[b] = torch.cat([fim_prompt(doc[:i], doc[j:], special, order), doc[i:j]])
     x, y = rows[:, :-1], rows[:, 1:].clone()
     return x, y, torch.zeros(B, dtype=torch.long)
 
 
-def fim_prompt(prefix: torch.Tensor, suffix: torch.Tensor, special: SpecialIds) -> torch.Tensor:
-    """1-D PSM prompt for infilling: <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|>."""
-    return torch.cat([torch.tensor([special.fim_prefix]), prefix, torch.tensor([special.fim_suffix]), suffix,
-                      torch.tensor([special.fim_middle])])
+def fim_prompt(prefix: torch.Tensor, suffix: torch.Tensor, special: SpecialIds, order: str = "psm") -> torch.Tensor:
+    """1-D infilling prompt, the middle's first token comes next. PSM: <|fim_prefix|> prefix <|fim_suffix|> suffix
+    <|fim_middle|>; SPM: <|fim_prefix|> <|fim_suffix|> suffix <|fim_middle|> prefix."""
+    pre, suf, mid = (torch.tensor([t]) for t in (special.fim_prefix, special.fim_suffix, special.fim_middle))
+    if order == "psm":
+        return torch.cat([pre, prefix, suf, suffix, mid])
+    if order == "spm":
+        return torch.cat([pre, suf, suffix, mid, prefix])
+    raise ValueError(f"order must be 'psm' or 'spm', got {order!r}")
 
 
 def batch_fn(objective: str, stream: torch.Tensor, ctx: MaskContext, special: SpecialIds, *, seq_len: int,
@@ -276,11 +283,12 @@ def batch_fn(objective: str, stream: torch.Tensor, ctx: MaskContext, special: Sp
 # Scoring and sampling
 @torch.no_grad()
 def forward_masked(model: GPT, ctx: MaskContext, x: torch.Tensor, prefix_len) -> torch.Tensor:
-    """Logits (B, T, V) of x (B, T) under the prefix-LM rule `prefix_len` (int or (B,) tensor)."""
+    """Logits (B, T, V) of x (B, T) under the prefix-LM rule `prefix_len` (int or (B,) tensor). x goes to the
+    model's device; the logits come back on the CPU, where every scorer here reads them."""
     model.eval()
     ctx.prefix_len = prefix_len
     try:
-        return model(x)[0]
+        return model(x.to(next(model.parameters()).device))[0].float().cpu()
     finally:
         ctx.prefix_len = None
 
@@ -308,7 +316,7 @@ def generate(model: GPT, ctx: MaskContext, prompt: torch.Tensor, n: int, pick_ne
     bidirectional prefix (prefix LM), every later token is causal."""
     ctx.prefix_len = prefix_len
     try:
-        return decode(model, prompt, n, pick_next)
+        return decode(model, prompt, n, pick_next).cpu()                  # decode moves the prompt to the model
     finally:
         ctx.prefix_len = None
 
@@ -500,7 +508,8 @@ def slot_logprob(model: GPT, ctx: MaskContext, ev: EvalSet, slot: torch.Tensor, 
                  special: SpecialIds) -> torch.Tensor:
     """log p(true token at `slot`) per story (N,), the token hidden and as much context as the objective reads:
     "causal" / "prefix": the left context only (the prefix LM reads it bidirectionally); "mlm": the slot is
-    <|mask|>, everything else visible; "fim": PSM prompt, the rest of the story as suffix, read at <|fim_middle|>."""
+    <|mask|>, everything else visible; "fim": PSM prompt, the rest of the story as suffix, read at <|fim_middle|>;
+    "fim_spm": the same in SPM order, read after the prefix."""
     N = len(ev.rows)
     if slot.shape != (N,) or int(slot.min()) < 1 or int(slot.max()) >= ev.rows.shape[1]:
         raise ValueError(f"slot must be (N,) = ({N},) indices in [1, T), got shape {tuple(slot.shape)}")
@@ -513,12 +522,14 @@ def slot_logprob(model: GPT, ctx: MaskContext, ev: EvalSet, slot: torch.Tensor, 
         x = ev.rows.clone()
         x[ar, slot] = special.mask
         return forward_masked(model, ctx, x, x.shape[1])[ar, slot].log_softmax(-1)[ar, true]
-    if how != "fim":
-        raise ValueError(f"how must be 'causal', 'prefix', 'mlm' or 'fim', got {how!r}")
-    prompts = [fim_prompt(ev.rows[i, :slot[i]], ev.rows[i, slot[i] + 1:ev.end[i] + 1], special) for i in range(N)]
+    if how not in ("fim", "fim_spm"):
+        raise ValueError(f"how must be 'causal', 'prefix', 'mlm', 'fim' or 'fim_spm', got {how!r}")
+    order = "spm" if how == "fim_spm" else "psm"
+    prompts = [fim_prompt(ev.rows[i, :slot[i]], ev.rows[i, slot[i] + 1:ev.end[i] + 1], special, order)
+               for i in range(N)]
     L = max(len(p) for p in prompts)
     x = torch.stack([F.pad(p, (0, L - len(p)), value=int(ev.rows[0, ev.end[0]])) for p in prompts])
-    last = torch.tensor([len(p) - 1 for p in prompts])                 # the <|fim_middle|> position
+    last = torch.tensor([len(p) - 1 for p in prompts])                 # the prompt's last token predicts the middle
     return forward_masked(model, ctx, x, 0)[ar, last].log_softmax(-1)[ar, true]
 
 
@@ -554,3 +565,42 @@ def grade_continuation(text: str, name: str, colour: str, obj: str) -> dict:
     rec = re.search(rf"Later, {re.escape(name)} {_alt('verb')} the (\w+) (\w+)\.", text)
     return dict(sentences=len(sents), valid=valid,
                 recall_right=bool(rec and rec.group(1) == colour and rec.group(2) == obj))
+
+
+def valid_prefix(setup: str, continuation: str) -> tuple[int, float]:
+    """The longest run of whole sentences at the start of `continuation` that the generator could write after
+    `setup`, and its exact log-probability given the set-up: (characters of `continuation` kept, log p).
+
+    Read with the generator's own parser (`shared.data`'s tape, used read-only): a text the generator cannot
+    continue stops the tape exactly at its end, a wrong one earlier. A graded, exact measure of a sample: the
+    valid share and its true log-probability per token, where whole-story validity is all or nothing."""
+    from shared.data import _Mismatch, _story, _Tape
+
+    if not isinstance(setup, str) or not isinstance(continuation, str):
+        raise TypeError("setup and continuation must be str")
+
+    class PrefixTape(_Tape):      # a text that ends inside a fixed literal (". Tom felt ") is a prefix, not wrong
+        def emit(self, literal):
+            if not self.text.startswith(literal, self.pos) and literal.startswith(self.text[self.pos:]):
+                self.pos = len(self.text)
+                raise _Mismatch("the text ends inside a literal")
+            super().emit(literal)
+
+    def read(text):
+        tape = PrefixTape(text=text)
+        try:
+            _story(tape, 1, 8)
+            tape.done()
+        except _Mismatch:
+            return tape.logp if tape.pos == len(text) else None
+        return tape.logp
+
+    base = read(setup)
+    if base is None:
+        raise ValueError(f"not a story set-up: {setup[:60]!r}")
+    ends = [m.end() for m in re.finditer(r"\.", continuation)]
+    for end in reversed(ends):
+        lp = read(setup + continuation[:end])
+        if lp is not None:
+            return end, lp - base
+    return 0, 0.0

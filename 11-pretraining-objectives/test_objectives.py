@@ -304,3 +304,61 @@ def test_grade_continuation_on_generator_stories():
     assert ob.grade_continuation(" Soon Tom felt happy.", "Mia", "red", "ball")["valid"] == 0   # wrong hero
     with pytest.raises(TypeError):
         ob.grade_continuation(3, "Mia", "red", "ball")
+
+
+def test_spm_rows_are_a_rearrangement_and_the_prompt_continues_the_prefix(special):
+    w = torch.randint(2, 700, (16, 41))
+    x, y, _ = ob.fim_psm(w, special, torch.Generator().manual_seed(0), fim_rate=1.0, order="spm")
+    rows = torch.cat([x, y[:, -1:]], dim=1)
+    for r, orig in zip(rows.tolist(), w):
+        assert r[:2] == [special.fim_prefix, special.fim_suffix]
+        m = r.index(special.fim_middle)
+        suffix, prefix_middle = r[2:m], r[m + 1:]          # prefix and middle are contiguous: the original's start
+        assert prefix_middle + suffix == orig[:38].tolist()
+    p = ob.fim_prompt(torch.tensor([5, 6]), torch.tensor([7]), special, "spm")
+    assert p.tolist() == [special.fim_prefix, special.fim_suffix, 7, special.fim_middle, 5, 6]
+    with pytest.raises(ValueError, match="order must be"):
+        ob.fim_psm(w, special, order="mps")
+    with pytest.raises(ValueError, match="order must be"):
+        ob.fim_prompt(torch.tensor([5]), torch.tensor([7]), special, "mps")
+
+
+def test_valid_prefix_against_the_generator():
+    for st in data.stories(n_train=1, n_val=10, n_test=1)["validation"]:
+        setup, setup_lp = ob.story_prefix(st["text"])
+        cont = st["text"][len(setup):]
+        n, lp = ob.valid_prefix(setup, cont)                 # a whole story: all of it, its exact log p
+        assert n == len(cont) and math.isclose(lp, st["logprob"] - setup_lp, abs_tol=1e-9)
+        cut = cont.index(".", cont.index(".") + 1) + 1       # two sentences, then garbage
+        n2, lp2 = ob.valid_prefix(setup, cont[:cut] + " near had. The weather was sunny.")
+        assert n2 == cut and lp <= lp2 < 0                    # a prefix is at least as likely as the whole
+    assert ob.valid_prefix(setup, " near had.") == (0, 0.0)
+    with pytest.raises(ValueError, match="set-up"):
+        ob.valid_prefix("Hello.", " The end.")
+    with pytest.raises(TypeError):
+        ob.valid_prefix(setup, None)
+
+
+def test_model_facing_helpers_move_inputs_to_the_model_device(tok, special, small_ev):
+    # GPU-ready: the model on `meta`, every helper inside device_guard; a helper may stop at its first read of a
+    # value (meta tensors have none), never at a device mismatch (ValueError).
+    from shared.validate import device_guard
+
+    _, ev = small_ev
+    model, ctx = ob.build_model(tiny_cfg(vocab=len(tok)))
+    model = model.to("meta")
+    slot = ob.name_slots(tok, ev.rows)
+    calls = [lambda: ob.forward_masked(model, ctx, ev.rows, 0),
+             lambda: ob.slot_logprob(model, ctx, ev, slot, "fim_spm", special),
+             lambda: ob.slot_logprob(model, ctx, ev, slot, "mlm", special),
+             lambda: ob.suffix_scores(model, ctx, ev, "prefix"),
+             lambda: ob.suffix_scores(model, ctx, ev, "pll", special.mask),
+             lambda: ob.corruption_accuracy(model, ctx, ev.rows, special),
+             lambda: ob.iterative_unmask(model, ctx, ev.rows[:1, :8].clone().fill_(special.mask), special.mask),
+             lambda: ob.generate(model, ctx, ev.rows[:1, :5], 2, greedy_next, prefix_len=5)]
+    with device_guard(model):
+        for call in calls:
+            try:
+                call()
+            except (NotImplementedError, RuntimeError) as e:     # a value read on meta: the plumbing held so far
+                assert "device mismatch" not in str(e)
