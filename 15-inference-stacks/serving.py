@@ -178,8 +178,8 @@ class PagedKVCache:
 
     def slots(self, seq: int, start: int, n: int) -> torch.Tensor:
         """Flat pool slots (block * block_size + offset) of tokens start .. start + n - 1 of `seq`: (n,) long."""
-        table = torch.tensor(self.tables[seq], dtype=torch.long)
-        pos = torch.arange(start, start + n)
+        table = torch.tensor(self.tables[seq], dtype=torch.long, device=self.k.device)    # index the pool where it is
+        pos = torch.arange(start, start + n, device=self.k.device)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     # -- data --------------------------------------------------------------------------------------------
@@ -252,12 +252,14 @@ def forward_paged(model: GPT, cache: PagedKVCache, seqs: list[int], chunks: list
     for s, L0, T in zip(seqs, starts, sizes):
         if L0 + T > len(cache.tables[s]) * cache.block_size:
             raise OutOfBlocksError(f"sequence {s}: room for {L0 + T} tokens was not reserved")
-    positions = torch.cat([torch.arange(L0, L0 + T) for L0, T in zip(starts, sizes)])      # (sum T,)
+    dev = next(model.parameters()).device                                 # inputs go where the model is
+    positions = torch.cat([torch.arange(L0, L0 + T, device=dev) for L0, T in zip(starts, sizes)])      # (sum T,)
     new_slots = torch.cat([cache.slots(s, L0, T) for s, L0, T in zip(seqs, starts, sizes)])  # where k, v go
     seen_slots = [cache.slots(s, 0, L0 + T) for s, L0, T in zip(seqs, starts, sizes)]      # what each reads
     masks = [None if T == 1 else   # query t sits at position L0 + t and may see keys 0 .. L0 + t
-             torch.arange(L0 + T)[None, :] <= torch.arange(L0, L0 + T)[:, None] for L0, T in zip(starts, sizes)]
-    x = model.tok_emb(torch.cat(chunks).view(1, -1))                      # (1, sum T, C)
+             torch.arange(L0 + T, device=dev)[None, :] <= torch.arange(L0, L0 + T, device=dev)[:, None]
+             for L0, T in zip(starts, sizes)]
+    x = model.tok_emb(torch.cat(chunks).view(1, -1).to(dev))                      # (1, sum T, C)
     for layer, block in enumerate(model.blocks):
         attn = block.attn
         q, k, v = project_at(attn, block.norm1(x), positions)             # (1, H, sum T, D), (1, K, sum T, D)
@@ -275,7 +277,7 @@ def forward_paged(model: GPT, cache: PagedKVCache, seqs: list[int], chunks: list
         x = x + block.mlp(block.norm2(x))
     for s, T in zip(seqs, sizes):
         cache.lengths[s] += T
-    last = torch.tensor(sizes).cumsum(0) - 1                               # each sequence's last token
+    last = torch.tensor(sizes, device=dev).cumsum(0) - 1                               # each sequence's last token
     return model.lm_head(model.norm(x[0, last]))                           # (n, V)
 
 
@@ -452,7 +454,7 @@ class Engine:
             logits = forward_paged(self.model, self.cache, seqs, chunks)
             for req in new:
                 self.cache.register_prefix(req.rid, req.context)
-            for req, nxt in zip(list(self.running), logits.argmax(dim=-1).tolist()):
+            for req, nxt in zip(list(self.running), logits.argmax(dim=-1).cpu().tolist()):
                 if req.first_token is None:
                     req.first_token = self.step_no
                 req.output.append(nxt)
@@ -503,6 +505,7 @@ def reference_outputs(model: GPT, requests: list[Request]) -> list[list[int]]:
 
     out = []
     for r in requests:
-        ids = decode(model, torch.tensor([r.prompt]), r.max_new_tokens, greedy_next)
-        out.append(ids[0, len(r.prompt):].tolist())
+        ids = decode(model, torch.tensor([r.prompt], device=next(model.parameters()).device), r.max_new_tokens,
+                     greedy_next)
+        out.append(ids[0, len(r.prompt):].cpu().tolist())
     return out

@@ -151,7 +151,7 @@ def _child_env(stack: str, threads: int) -> tuple[Path, dict]:
 def run_stack(stack: str, model_dir: str | Path, prompts: list[list[int]], max_new: int, threads: int = 1,
               repeats: int = 3, timeout: float = 300.0, mixed: tuple[list[list[int]], list[int]] | None = None,
               max_batch: int = 8, score: list[list[int]] | None = None,
-              arrivals: list[list[float]] | None = None) -> dict:
+              arrivals: list[list[float]] | None = None, big: dict | None = None) -> dict:
     """Run one stack in a fresh Python process and return its measurements (see the module docstring).
 
     `mixed=(prompts, new_tokens)`: also decode that mixed-length workload once, all requests at once with at most
@@ -185,11 +185,23 @@ def run_stack(stack: str, model_dir: str | Path, prompts: list[list[int]], max_n
                 or any(y < x for x, y in zip(a, a[1:])) for a in arrivals)):
             raise ValueError("arrivals must be a non-empty list of lists of non-decreasing times >= 0 (seconds), "
                              "one time per request of the mixed workload")
+    if big is not None:
+        keys = {"model_dir", "prompts", "max_new", "repeats", "long", "long_repeats"}
+        if not isinstance(big, dict) or set(big) != keys:
+            raise ValueError(f"big must be a dict with the keys {sorted(keys)}, got {big!r:.200}")
+        if (not isinstance(big["prompts"], list) or not big["prompts"] or len({len(p) for p in big["prompts"]}) != 1
+                or not isinstance(big["long"], list) or not big["long"]):
+            raise ValueError("big: prompts must be a non-empty list of equally long token-id lists and long a "
+                             "non-empty token-id list")
+        for name in ("max_new", "repeats", "long_repeats"):
+            if isinstance(big[name], bool) or not isinstance(big[name], int) or big[name] < 1:
+                raise ValueError(f"big[{name!r}] must be an int >= 1, got {big[name]!r}")
+        big = {**big, "model_dir": str(big["model_dir"])}
     python, env = _child_env(stack, threads)
     work = Path(model_dir).parent
     args_file, out_file = work / f"{stack}.args.json", work / f"{stack}.out.json"
     args_file.write_text(json.dumps({"prompts": prompts, "max_new": max_new, "threads": threads,
-                                     "repeats": repeats, "max_batch": max_batch, "score": score, "arrivals": arrivals,
+                                     "repeats": repeats, "max_batch": max_batch, "score": score, "arrivals": arrivals, "big": big,
                                      "mixed": None if mixed is None else [list(mixed[0]), list(mixed[1])]}))
     out_file.unlink(missing_ok=True)
     t0 = time.perf_counter()
@@ -332,52 +344,87 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _stream_completion(port: int, prompt: list[int], max_new: int, t_start: float) -> dict:
-    """One streamed, greedy completion from the OpenAI-compatible endpoint: token ids, TTFT and latency."""
+def _stream_completion(port: int, prompt: list[int], max_new: int, t_start: float, delay: float = 0.0) -> dict:
+    """One streamed, greedy completion from the OpenAI-compatible endpoint, sent `delay` s after `t_start`: token
+    ids and the time (s after `t_start`) each one arrived (a chunk's ids share its time), TTFT and latency."""
     import http.client
 
+    time.sleep(max(0.0, t_start + delay - time.perf_counter()))
     body = json.dumps({"model": "model", "prompt": prompt, "max_tokens": max_new, "temperature": 0.0,
                        "ignore_eos": True, "stream": True, "return_token_ids": True})
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    sent = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     response = conn.getresponse()
     if response.status != 200:
         raise RuntimeError(f"/v1/completions answered {response.status}: {response.read()[:500]!r}")
-    tokens, first = [], None
+    tokens, times = [], []
     for line in response:                            # server-sent events: "data: {...}" ... "data: [DONE]"
         line = line.decode().strip()
         if not line.startswith("data:") or line == "data: [DONE]":
             continue
         ids = json.loads(line[5:])["choices"][0].get("token_ids") or []
-        if ids and first is None:
-            first = time.perf_counter()
+        now = time.perf_counter() - t_start
         tokens += ids
+        times += [now] * len(ids)
     end = time.perf_counter()
     conn.close()
-    return {"tokens": tokens, "ttft_s": first - t_start, "latency_s": end - t_start}
+    return {"tokens": tokens, "times": times, "ttft_s": times[0] + t_start - sent, "latency_s": end - sent}
 
 
-def serve_vllm(model_dir: str | Path, prompts: list[list[int]], max_new: int, threads: int = 1,
-               ready_timeout: float = 180.0) -> dict:
+def prom_counter(text: str, name: str) -> float:
+    """Sum of the samples of the Prometheus counter `name` (its `name_total` lines) in a /metrics page."""
+    if not isinstance(text, str) or not isinstance(name, str) or not name:
+        raise TypeError("text and name must be strings (name non-empty)")
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(f"{name}_total{{") or line.startswith(f"{name}_total "):
+            total, found = total + float(line.rsplit(" ", 1)[1]), True
+    if not found:
+        raise ValueError(f"counter {name!r} not on the /metrics page")
+    return total
+
+
+def serve_vllm(model_dir: str | Path, prompts: list[list[int]], max_new: int | list[int], threads: int = 1,
+               ready_timeout: float = 180.0, arrivals: list[float] | None = None, prefix_caching: bool = False,
+               max_seqs: int = 8, block_size: int = 32) -> dict:
     """vLLM's OpenAI-compatible server on 127.0.0.1 (a free port), in vLLM's own environment: start it, wait for
-    /health (at most `ready_timeout` s), send all `prompts` at once as streamed greedy completions of exactly
-    `max_new` tokens, then stop it by PID (always). Returns ready_s, per-request ttft_s/latency_s, tokens, total_s."""
+    /health (at most `ready_timeout` s), one warm-up request shorter than a block (caches nothing), then send
+    every prompt as a streamed greedy completion of exactly `max_new` (per prompt, or one for all) tokens, each
+    `arrivals[i]` s after the start (default: all at once), on its own connection; then stop it by PID (always).
+    `prefix_caching` turns on vLLM's automatic prefix caching (blocks of `block_size` tokens; its CPU kernel wants
+    multiples of 32). Returns ready_s, total_s, per request tokens / times (s after the start, per token) /
+    ttft_s / latency_s, and the prompt tokens vLLM looked up in / found in its prefix cache during the run
+    (`vllm:prefix_cache_queries` / `vllm:prefix_cache_hits` on /metrics, after minus before)."""
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) and p for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
-    for name, value in (("max_new", max_new), ("threads", threads)):
+    news = [max_new] * len(prompts) if not isinstance(max_new, list) else max_new
+    if len(news) != len(prompts) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in news):
+        raise ValueError(f"max_new must be an int >= 1 or one such int per prompt, got {max_new!r}")
+    for name, value in (("threads", threads), ("max_seqs", max_seqs), ("block_size", block_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    arrivals = [0.0] * len(prompts) if arrivals is None else list(arrivals)
+    if len(arrivals) != len(prompts) or any(a < 0 for a in arrivals):
+        raise ValueError("arrivals must hold one time >= 0 (seconds) per prompt")
     python, env = _child_env("vllm", threads)
     port = _free_port()
     log = Path(model_dir).parent / "vllm-server.log"
     t0 = time.perf_counter()
+
+    def metrics():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            page = r.read().decode()
+        return {k: prom_counter(page, f"vllm:prefix_cache_{k}") for k in ("queries", "hits")}
+
     with open(log, "w") as log_file:
         server = subprocess.Popen([str(python), str(HERE / "stack_bench.py"), "vllm-serve", str(model_dir),
-                                   str(port), str(len(prompts))], stdout=log_file, stderr=subprocess.STDOUT,
-                                  env=env, cwd=HERE, start_new_session=True)
+                                   str(port), str(max_seqs), str(int(prefix_caching)), str(block_size)],
+                                  stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=HERE,
+                                  start_new_session=True)
     try:
         while True:                                  # poll /health until the engine answers
             if server.poll() is not None:
@@ -391,11 +438,14 @@ def serve_vllm(model_dir: str | Path, prompts: list[list[int]], max_new: int, th
             except OSError:
                 time.sleep(0.5)
         ready_s = time.perf_counter() - t0
-        _stream_completion(port, prompts[0], 2, time.perf_counter())          # warm-up
+        _stream_completion(port, prompts[0][:4], 2, time.perf_counter())          # warm-up, under one block
+        before = metrics()
         t_start = time.perf_counter()
         with ThreadPoolExecutor(len(prompts)) as pool:
-            answers = list(pool.map(lambda p: _stream_completion(port, p, max_new, t_start), prompts))
+            answers = list(pool.map(lambda i: _stream_completion(port, prompts[i], news[i], t_start, arrivals[i]),
+                                    range(len(prompts))))
         total_s = time.perf_counter() - t_start
+        after = metrics()
     finally:                                         # always stop it, by its PID (its session: the engine too)
         server.terminate()
         try:
@@ -404,7 +454,9 @@ def serve_vllm(model_dir: str | Path, prompts: list[list[int]], max_new: int, th
             os.killpg(server.pid, 9)
             server.wait()
     return {"ready_s": ready_s, "total_s": total_s, "port": port, "tokens": [a["tokens"] for a in answers],
+            "times": [a["times"] for a in answers], "arrivals": arrivals,
             "ttft_s": [a["ttft_s"] for a in answers], "latency_s": [a["latency_s"] for a in answers],
+            "prefix_queries": after["queries"] - before["queries"], "prefix_hits": after["hits"] - before["hits"],
             "returncode": server.returncode}
 
 
@@ -800,7 +852,7 @@ def _convert_ct2(model_dir: str) -> None:
         (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _serve(model_dir: str, port: str, max_seqs: str) -> None:
+def _serve(model_dir: str, port: str, max_seqs: str, prefix_caching: str = "0", block_size: str = "32") -> None:
     """In vLLM's environment: the OpenAI-compatible server on 127.0.0.1:port for the (padded, if needed) model."""
     import runpy
 
@@ -809,7 +861,8 @@ def _serve(model_dir: str, port: str, max_seqs: str) -> None:
     folder, _ = vllm_model_dir(model_dir, CPUAttentionBackend.get_supported_head_sizes())
     sys.argv = ["api_server", "--model", str(folder), "--served-model-name", "model", "--dtype", "float32",
                 "--enforce-eager", "--host", "127.0.0.1", "--port", port, "--max-num-seqs", max_seqs,
-                "--no-enable-prefix-caching", "--disable-log-stats", "--seed", "0"]
+                "--enable-prefix-caching" if prefix_caching == "1" else "--no-enable-prefix-caching",
+                "--block-size", block_size, "--seed", "0"]      # stats on: /metrics counts the prefix cache
     runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
 
 
@@ -822,7 +875,12 @@ def main(argv: list[str]) -> None:
         return
     if argv[0] in ("export-onnx", "convert-ct2"):
         t0 = time.perf_counter()
-        (_export_onnx if argv[0] == "export-onnx" else _convert_ct2)(argv[1])
+        step = argv[0]          # `export-onnx DIR... convert-ct2 DIR...`: one process, the libraries imported once
+        for arg in argv[1:]:
+            if arg in ("export-onnx", "convert-ct2"):
+                step = arg
+            else:
+                (_export_onnx if step == "export-onnx" else _convert_ct2)(arg)
         print(json.dumps({"seconds": time.perf_counter() - t0}))
         return
     stack, model_dir, args_file, out_file = argv
@@ -834,22 +892,7 @@ def main(argv: list[str]) -> None:
     load_s = time.perf_counter() - t0
     _RSS["load"] = _rss_now()
     import_s = _IMPORTED - t0                                      # of which: importing the libraries
-    generate(prompts[:1], 2, [])                                   # warm-up, batch 1 and batch 8
-    generate(prompts, 2, [])
-    ttft, itl, b1, tokens_b1 = [], [], [], None
-    for _ in range(repeats):
-        stamps = []
-        t0 = time.perf_counter()
-        tokens_b1 = generate(prompts[:1], max_new, stamps)
-        end = time.perf_counter()
-        ttft.append(stamps[0] - t0)
-        itl.append(statistics.median(b - a for a, b in zip(stamps, stamps[1:])))
-        b1.append(max_new / (end - t0))
-    b8, tokens_b8 = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tokens_b8 = generate(prompts, max_new, [])
-        b8.append(len(prompts) * max_new / (time.perf_counter() - t0))
+    timing = _timing(generate, prompts, max_new, repeats)
     mixed = {}
     if args.get("mixed"):
         m_prompts, m_new = args["mixed"]
@@ -874,13 +917,64 @@ def main(argv: list[str]) -> None:
         import torch
 
         gpu = {"peak_gpu_bytes": torch.cuda.max_memory_allocated(), "device": torch.cuda.get_device_name()}
-    Path(out_file).write_text(json.dumps({
+    out = {
         **mixed, **gpu, "head_dim_factor": _EXTRA.get("head_dim_factor", 1), "stack": stack, "load_s": load_s,
-        "ttft_s": ttft, "itl_s": itl, "tok_per_s_b1": b1, "tok_per_s_b8": b8, "tokens_b1": tokens_b1,
-        "tokens_b8": tokens_b8, "threads": threads, "import_s": import_s, "peak_rss_bytes": _peak_rss(),
+        **timing, "threads": threads, "import_s": import_s, "peak_rss_bytes": _peak_rss(),
         "rss_start_bytes": _RSS["start"], "rss_import_bytes": _RSS.get("import", 0), "rss_load_bytes": _RSS["load"],
         "kv_pool_bytes": _EXTRA.get("kv_pool_bytes"), "kv_bytes_per_token": _EXTRA.get("kv_bytes_per_token"),
-        "score_kind": _EXTRA.get("score_kind", "logits"), "handicap": HANDICAPS.get(stack, "")}))
+        "score_kind": _EXTRA.get("score_kind", "logits"), "handicap": HANDICAPS.get(stack, "")}
+    if args.get("big"):                 # the timing regime: a second model, same process (imports paid once)
+        out["big"] = _time_big(stack, args["big"], threads, args.get("max_batch", 8))
+    Path(out_file).write_text(json.dumps(out))
+    if stack == "ct2":      # two CTranslate2 generators in one process: its C++ teardown at interpreter exit can
+        sys.stdout.flush()  # abort ("terminate called without an active exception") after the results are written
+        os._exit(0)
+
+
+def _timing(generate, prompts, max_new, repeats):
+    """The protocol of the module docstring: warm-ups at batch 1 and batch len(prompts), then `repeats` timed runs
+    of each. Returns lists of TTFT, ITL, tokens/s at batch 1 and at batch len(prompts), and the last token ids."""
+    generate(prompts[:1], 2, [])                                   # warm-up, batch 1 and batch 8
+    generate(prompts, 2, [])
+    ttft, itl, b1, cpu_b1, tokens_b1 = [], [], [], [], None
+    for _ in range(repeats):
+        stamps = []
+        t0, c0 = time.perf_counter(), time.process_time()
+        tokens_b1 = generate(prompts[:1], max_new, stamps)
+        end, cpu = time.perf_counter(), time.process_time() - c0
+        ttft.append(stamps[0] - t0)
+        itl.append(statistics.median(b - a for a, b in zip(stamps, stamps[1:])))
+        b1.append(max_new / (end - t0))
+        cpu_b1.append(max_new / cpu)
+    b8, cpu_b8, tokens_b8 = [], [], None
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        tokens_b8 = generate(prompts, max_new, [])
+        b8.append(len(prompts) * max_new / (time.perf_counter() - t0))
+        cpu_b8.append(len(prompts) * max_new / (time.process_time() - c0))
+    return {"ttft_s": ttft, "itl_s": itl, "tok_per_s_b1": b1, "tok_per_s_b8": b8, "tokens_b1": tokens_b1,
+            "tokens_b8": tokens_b8, "cpu_tok_per_s_b1": cpu_b1, "cpu_tok_per_s_b8": cpu_b8}
+
+
+def _time_big(stack, big, threads, max_batch):
+    """The timing regime in the same process: load `big["model_dir"]` (a random-weight model tens of millions of
+    parameters large) and run `_timing` on it, then time to first token of one long prompt (`big["long"]`,
+    `big["long_repeats"]` times: prefill-bound). Memory is not measured here (the process holds both models)."""
+    _EXTRA.clear()
+    t0 = time.perf_counter()
+    generate = _load(stack, big["model_dir"], threads, max_batch)
+    load_s = time.perf_counter() - t0
+    out = {"load_s": load_s, **_timing(generate, big["prompts"], big["max_new"], big["repeats"])}
+    long_ttft, long_cpu, long_tokens = [], [], None
+    for _ in range(big["long_repeats"]):
+        stamps = []
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        long_tokens = generate([big["long"]], 1, stamps)
+        long_ttft.append(stamps[0] - t0)
+        long_cpu.append(time.process_time() - c0)
+    return {**out, "long_ttft_s": long_ttft, "long_cpu_s": long_cpu, "long_tokens": long_tokens, "long_len": len(big["long"]),
+            "kv_bytes_per_token": _EXTRA.get("kv_bytes_per_token")}
 
 
 if __name__ == "__main__":

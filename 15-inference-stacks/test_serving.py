@@ -438,3 +438,57 @@ def test_online_serving_tokens_and_times(tmp_path, stack):
     assert outs == stack_bench._EXTRA["mixed"](prompts, new)
     assert [len(t) for t in times] == new
     assert all(t[0] >= a and t == sorted(t) for t, a in zip(times, arrivals))
+
+
+# ---------------------------------------------------------------------------------------------- GPU-ready, server, timing regime
+def test_model_facing_functions_move_inputs_to_the_model_device():
+    """The model on `meta` inside `device_guard`: no input is left on the CPU (a meta tensor has no values, so a
+    function may stop at its first read of one: that error is allowed, a device mismatch is not)."""
+    from shared.validate import device_guard
+
+    torch.manual_seed(0)
+    meta = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, d_model=16)).to("meta").eval()
+    calls = [lambda: reference_outputs(meta, mixed_workload([[1, 2, 3]], [2])),
+             lambda: Engine(meta, num_blocks=4, block_size=4, max_batch=2).run(mixed_workload([[1, 2], [3]], [2, 2])),
+             lambda: forward_paged(meta, _reserved(PagedKVCache.for_model(meta, 4, 4), 0, 3), [0],
+                                   [torch.tensor([1, 2, 3])])]
+    with device_guard(meta):
+        for call in calls:
+            try:
+                call()
+            except (NotImplementedError, RuntimeError):      # the first read of a meta value; a device
+                pass                                            # mismatch would be the guard's ValueError
+
+
+def _reserved(cache, seq, n):
+    cache.reserve(seq, n)
+    return cache
+
+
+def test_prom_counter_sums_a_counter():
+    page = ('# HELP vllm:prefix_cache_hits_total x\nvllm:prefix_cache_hits_total{engine="0",model_name="m"} 96.0\n'
+            'vllm:prefix_cache_hits_total{engine="1",model_name="m"} 4.0\nvllm:prefix_cache_queries_total 200.0\n')
+    assert stack_bench.prom_counter(page, "vllm:prefix_cache_hits") == 100.0
+    assert stack_bench.prom_counter(page, "vllm:prefix_cache_queries") == 200.0
+    with pytest.raises(ValueError, match="not on the /metrics page"):
+        stack_bench.prom_counter(page, "vllm:nope")
+    with pytest.raises(TypeError, match="must be strings"):
+        stack_bench.prom_counter(None, "x")
+
+
+def test_serve_vllm_and_big_arguments(tmp_path):
+    with pytest.raises(ValueError, match="non-empty list"):
+        stack_bench.serve_vllm(tmp_path, [], 4)
+    with pytest.raises(ValueError, match="one such int per prompt"):
+        stack_bench.serve_vllm(tmp_path, [[1], [2]], [4])
+    with pytest.raises(ValueError, match="one time >= 0"):
+        stack_bench.serve_vllm(tmp_path, [[1], [2]], 4, arrivals=[0.0])
+    with pytest.raises(ValueError, match="block_size must be an int"):
+        stack_bench.serve_vllm(tmp_path, [[1]], 4, block_size=0)
+    good = dict(model_dir=tmp_path, prompts=[[1, 2]], max_new=4, repeats=1, long=[1] * 8, long_repeats=1)
+    with pytest.raises(ValueError, match="big must be a dict"):
+        stack_bench.run_stack("hf", tmp_path, [[1, 2]], 4, big={"model_dir": tmp_path})
+    with pytest.raises(ValueError, match="equally long"):
+        stack_bench.run_stack("hf", tmp_path, [[1, 2]], 4, big={**good, "prompts": [[1], [1, 2]]})
+    with pytest.raises(ValueError, match=r"big\['repeats'\] must be an int"):
+        stack_bench.run_stack("hf", tmp_path, [[1, 2]], 4, big={**good, "repeats": 0})
