@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+import shared
 from shared.model import GPT, Block, GPTConfig
 from shared.train import evaluate, train
 from shared.validate import check_int
@@ -42,6 +43,11 @@ PLACEMENTS = ("pre", "post")
 
 # ----------------------------------------------------------------------------------------------------------
 # argument checks, gathered
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's weights live: every helper that feeds it moves its inputs there."""
+    return next(model.parameters()).device
+
+
 def _check_choice(name: str, value, allowed: tuple) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, one of {allowed}, got {type(value).__name__}")
@@ -295,17 +301,35 @@ def to_post_norm(model: GPT) -> GPT:
     return model
 
 
+def norm_modules(model: GPT) -> list[tuple[str, nn.Module]]:
+    """Every norm of the model in forward order: (block i norm1, block i norm2 for each block, final norm)."""
+    mods = [(f"block {i} {n}", getattr(b, n)) for i, b in enumerate(model.blocks) for n in ("norm1", "norm2")]
+    return mods + [("final norm", model.norm)]
+
+
 def build_gpt(cfg: GPTConfig, norm: str = "rms", mlp: str = "swiglu", placement: str = "pre",
-              seed: int = 0, alpha0: float = 0.5) -> GPT:
-    """A shared GPT with our norm, MLP and placement, initialised from `seed` (`alpha0`: DyT's initial alpha)."""
+              seed: int = 0, alpha0: float | tuple[float, ...] = 0.5) -> GPT:
+    """A shared GPT with our norm, MLP and placement, initialised from `seed`. `alpha0`: DyT's initial alpha, one
+    float for every norm, or one per norm in `norm_modules` order (2 n_layer + 1 values: a per-layer init)."""
     if not isinstance(cfg, GPTConfig):
         raise TypeError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
     _check_choice("norm", norm, NORMS)
     _check_choice("mlp", mlp, MLPS)
     _check_choice("placement", placement, PLACEMENTS)
+    per_layer = isinstance(alpha0, (list, tuple))
+    if per_layer:
+        if len(alpha0) != 2 * cfg.n_layer + 1:
+            raise ValueError(f"alpha0 needs one value per norm (2 n_layer + 1 = {2 * cfg.n_layer + 1}), got {len(alpha0)}")
+        for a in alpha0:
+            DyT(1, a)                                          # each must be a positive float
     torch.manual_seed(seed)
-    model = GPT(cfg, mlp_factory=mlp_factory(mlp), norm_factory=norm_factory(norm, alpha0))
-    return to_post_norm(model) if placement == "post" else model
+    model = GPT(cfg, mlp_factory=mlp_factory(mlp), norm_factory=norm_factory(norm, 1.0 if per_layer else alpha0))
+    if per_layer and norm == "dyt":
+        with torch.no_grad():
+            for (_, m), a in zip(norm_modules(model), alpha0):
+                m.alpha.fill_(float(a))
+    model = to_post_norm(model) if placement == "post" else model
+    return model.to(shared.device())                          # the CPU at the cpu size: built there, moved nowhere
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,6 +338,7 @@ def build_gpt(cfg: GPTConfig, norm: str = "rms", mlp: str = "swiglu", placement:
 def residual_norms(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     """RMS of the residual stream (mean over B, T of ||x_t|| / sqrt(C)) after the embedding and after each
     block: a tensor (n_layer + 1,)."""
+    idx = idx.to(_device(model))
     out = []
     hooks = [model.tok_emb.register_forward_hook(lambda m, i, o: out.append(o))]
     hooks += [b.register_forward_hook(lambda m, i, o: out.append(o)) for b in model.blocks]
@@ -330,13 +355,14 @@ def residual_norms(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 
 def block_grad_norms(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """L2 norm of the loss gradient over each block's parameters, from one backward pass: (n_layer,)."""
+    dev = _device(model)
     model.zero_grad(set_to_none=True)
-    _, loss = model(idx, targets)
+    _, loss = model(idx.to(dev), targets.to(dev))
     loss.backward()
     norms = []
     for b in model.blocks:
         grads = [p.grad for p in b.parameters() if p.grad is not None]
-        norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)) if grads else torch.tensor(0.0))
+        norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads)) if grads else torch.tensor(0.0, device=dev))
     model.zero_grad(set_to_none=True)
     return torch.stack(norms).detach()
 
@@ -347,7 +373,7 @@ def mlp_hidden(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     out = []
     hooks = [b.mlp.down_proj.register_forward_pre_hook(lambda m, i: out.append(i[0])) for b in model.blocks]
     try:
-        model(idx)
+        model(idx.to(_device(model)))
     finally:
         for h in hooks:
             h.remove()
@@ -360,7 +386,7 @@ def residual_stream(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     out = []
     h = model.blocks[-1].register_forward_hook(lambda m, i, o: out.append(o))
     try:
-        model(idx)
+        model(idx.to(_device(model)))
     finally:
         h.remove()
     return out[0]
@@ -400,7 +426,8 @@ class Run:
 
 def run(cfg: GPTConfig, train_tokens: torch.Tensor, val_tokens: torch.Tensor, *, norm: str, mlp: str,
         placement: str = "pre", seed: int = 0, steps: int, lr: float, warmup: int | None = None,
-        batch_size: int = 16, eval_batches: int = 8, return_model: bool = False, alpha0: float = 0.5):
+        batch_size: int = 16, eval_batches: int = 8, return_model: bool = False,
+        alpha0: float | tuple[float, ...] = 0.5):
     """Build (seeded) and train one configuration with `shared.train.train`; batches follow the same seed, so
     two configurations with one seed see the same data in the same order. A non-finite loss is kept as is."""
     model = build_gpt(cfg, norm, mlp, placement, seed, alpha0)
@@ -455,6 +482,7 @@ def _probe(model: GPT, probe: torch.Tensor, probe_targets: torch.Tensor | None) 
     `down_proj` reads) and the loss gradient with respect to each block's output, as lists of flat tensors."""
     if probe_targets is None:
         return {"res": residual_norms(model, probe)}
+    probe, probe_targets = probe.to(_device(model)), probe_targets.to(_device(model))
     streams, hidden = [], []
     hooks = [model.tok_emb.register_forward_hook(lambda m, i, o: streams.append(o))]
     hooks += [b.register_forward_hook(lambda m, i, o: streams.append(o)) for b in model.blocks]
@@ -530,7 +558,9 @@ def train_tracking(model: GPT, train_tokens: torch.Tensor, probe: torch.Tensor, 
     except _Stop:
         pass
     model.eval()
-    for k in ("res", "hidden_std", "grad_std"):
+    for k in ("res", "hidden_std", "grad_std"):                # the records go to the CPU (for numpy, plots)
         if k in out:
-            out[k] = torch.stack(out[k])
+            out[k] = torch.stack(out[k]).cpu()
+    for step, h in out.get("hist", {}).items():
+        out["hist"][step] = {k: [t.cpu() for t in v] for k, v in h.items()}
     return out

@@ -306,3 +306,36 @@ def test_geglu_matches_gemma_mlp():
         torch.testing.assert_close(tanh_geglu(x), ref(x), atol=1e-6, rtol=1e-5)
         gap = (exact_geglu(x) - ref(x)).abs().max().item()
     assert 0 < gap < 1e-3                  # exact GELU: the same function up to the tanh approximation
+
+
+def test_build_gpt_per_layer_alpha0():
+    a0 = (9.0, 8.0, 7.0, 6.0, 5.0)
+    model = norms.build_gpt(cfg(), "dyt", "gelu", "pre", seed=0, alpha0=a0)
+    assert [m.alpha.item() for _, m in norms.norm_modules(model)] == list(a0)
+    assert [n for n, _ in norms.norm_modules(model)][-1] == "final norm"
+    # the per-layer init changes only the alphas: every other weight is the scalar-alpha model's
+    ref = norms.build_gpt(cfg(), "dyt", "gelu", "pre", seed=0, alpha0=1.0)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        if not n.endswith("alpha"):
+            assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match="one value per norm"):
+        norms.build_gpt(cfg(), "dyt", "gelu", alpha0=(1.0, 2.0))
+    with pytest.raises(ValueError, match="alpha0 must be a positive float"):
+        norms.build_gpt(cfg(), "dyt", "gelu", alpha0=(1.0, 2.0, -1.0, 1.0, 1.0))
+
+
+def test_model_facing_helpers_move_inputs_to_the_models_device():
+    # the model on `meta` stands in for a GPU: an input left on the CPU would raise a device-mismatch ValueError
+    from shared.validate import device_guard
+    c = cfg()
+    idx = torch.randint(0, 50, (2, 16))
+    for placement in ("pre", "post"):
+        model = norms.build_gpt(c, "rms", "swiglu", placement, seed=0).to("meta")
+        with device_guard(model):
+            assert norms.residual_norms(model, idx).shape == (3,)
+            assert len(norms.mlp_hidden(model, idx)) == 2
+            assert norms.residual_stream(model, idx).shape == (2, 16, 32)
+            assert norms.block_grad_norms(model, idx, idx).shape == (2,)
+            with pytest.raises((NotImplementedError, RuntimeError)):      # stops at its first .item() on meta
+                norms.train_tracking(model, torch.randint(0, 50, (500,)), idx, probe_targets=idx, steps=2,
+                                     batch_size=2, lr=1e-2, every=1)
