@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shared.model import model_device
 from shared.validate import check_int
 
 
@@ -133,7 +134,7 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         mask = causal_mask(*scores.shape[-2:], device=q.device)
     if mask is not None:
         scores = scores + _mask_to_additive(mask, scores.dtype)          # forbidden pairs: -inf
-        if torch.isneginf(scores).all(dim=-1).any():                     # the check that teaches: an empty row
+        if scores.device.type != "meta" and torch.isneginf(scores).all(dim=-1).any():   # the check that teaches: an empty row (meta: no values)
             raise ValueError("mask forbids every key for at least one query row: nothing to attend to")
     weights = torch.softmax(scores, dim=-1)                             # (..., Tq, Tk), exp(-inf) = 0 exactly
     return weights @ v, weights                                         # (..., Tq, Dv), (..., Tq, Tk)
@@ -226,6 +227,9 @@ def model_attention(model, idx: torch.Tensor, query_pos: torch.Tensor | None = N
         _check_ids("query_pos", query_pos, batch_shape=idx.shape[:1])
         if query_pos.min() < 0 or query_pos.max() >= idx.shape[1]:
             raise ValueError(f"query_pos must lie in [0, T={idx.shape[1]}), got {query_pos.min()}..{query_pos.max()}")
+    dev = model_device(model)                                   # ids go where the model is
+    idx = idx.to(dev)
+    query_pos = None if query_pos is None else query_pos.to(dev)
     inputs = []
     hooks = [b.attn.register_forward_hook(lambda mod, args, out: inputs.append(args[0])) for b in model.blocks]
     try:
@@ -234,7 +238,7 @@ def model_attention(model, idx: torch.Tensor, query_pos: torch.Tensor | None = N
     finally:
         for h in hooks:
             h.remove()
-    maps, rows = [], torch.arange(idx.shape[0])
+    maps, rows = [], torch.arange(idx.shape[0], device=dev)
     for block, x in zip(model.blocks, inputs):
         with torch.no_grad():
             q, k, _ = block.attn.project(x, start_pos=0)                     # (B, H, T, D), (B, K, T, D)
@@ -242,7 +246,7 @@ def model_attention(model, idx: torch.Tensor, query_pos: torch.Tensor | None = N
         if query_pos is None:
             maps.append(scaled_dot_product_attention(q, k, k, is_causal=True)[1])          # (B, H, T, T)
         else:
-            may_attend = torch.arange(idx.shape[1]) <= query_pos[:, None]                   # (B, T)
+            may_attend = torch.arange(idx.shape[1], device=dev) <= query_pos[:, None]       # (B, T)
             q_rows = q[rows, :, query_pos][:, :, None]                                      # (B, H, 1, D)
             maps.append(scaled_dot_product_attention(q_rows, k, k, mask=may_attend[:, None, None])[1][:, :, 0])
     return maps
@@ -296,8 +300,8 @@ def earlier_copy_targets(tokens: torch.Tensor, query_ok: torch.Tensor | None = N
             raise ValueError(f"query_ok must have shape {tuple(tokens.shape)}, got {tuple(query_ok.shape)}")
     t = tokens.shape[1]
     wanted = tokens if shift == 0 else torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], dim=1)
-    targets = (wanted[:, :, None] == tokens[:, None, :]) & torch.ones(t, t, dtype=torch.bool).tril(shift - 1)
-    return targets if query_ok is None else targets & query_ok[:, :, None]
+    targets = (wanted[:, :, None] == tokens[:, None, :]) & torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril(shift - 1)
+    return targets if query_ok is None else targets & query_ok[:, :, None].to(tokens.device)
 
 
 def head_score(weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -309,6 +313,7 @@ def head_score(weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     _tensor("weights", weights, min_dim=4)
     _tensor("targets", targets, kind="bool")
+    targets = targets.to(weights.device)                                 # masks may be built on the CPU
     if targets.dim() == 3:                                               # (B, T, T) -> (B, 1, T, T)
         targets = targets[:, None]
     on_target = (weights * targets).sum(-1)                             # (..., B, H, Tq)
@@ -342,9 +347,10 @@ def instance_vs_category(rows: torch.Tensor, tokens: torch.Tensor, query_pos: to
     if query_pos.min() < 0 or query_pos.max() >= tokens.shape[1] - 1:
         raise ValueError(f"query_pos must lie in [0, T-1={tokens.shape[1] - 1}) (the answer follows the query), "
                          f"got {query_pos.min()}..{query_pos.max()}")
-    b = torch.arange(tokens.shape[0])
+    tokens, query_pos, category_ids = (t.to(rows.device) for t in (tokens, query_pos, category_ids))
+    b = torch.arange(tokens.shape[0], device=rows.device)
     answer = tokens[b, query_pos + 1]                                              # (B,)
-    visible = torch.arange(tokens.shape[1]) <= query_pos[:, None]                  # (B, T) keys the query sees
+    visible = torch.arange(tokens.shape[1], device=rows.device) <= query_pos[:, None]   # (B, T) keys the query sees
     right = (tokens == answer[:, None]) & visible                                  # (B, T)
     distractor = torch.isin(tokens, category_ids) & visible & ~right               # (B, T)
     out = {"n_right": right.sum(-1), "n_distractor": distractor.sum(-1)}
@@ -480,9 +486,10 @@ def per_token_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     _check_ids("y", y)
     if x.shape != y.shape or x.dim() != 2:
         raise ValueError(f"x and y must both be (B, T), got {tuple(x.shape)} and {tuple(y.shape)}")
+    dev = model_device(model)                                      # the batch goes where the model is
     with torch.no_grad():
-        logits = model(x)[0]                                                      # (B, T, V)
-    return F.cross_entropy(logits.transpose(1, 2), y, reduction="none")          # (B, T)
+        logits = model(x.to(dev))[0]                                              # (B, T, V)
+    return F.cross_entropy(logits.transpose(1, 2), y.to(dev), reduction="none")  # (B, T)
 
 
 def greedy_ablation(metric: Callable[[], float], heads: Sequence[tuple[int, int]], stop: float,

@@ -371,3 +371,23 @@ def test_greedy_ablation_orders_by_harm_and_stops_at_the_control():
     assert cumulative[-1][1] == pytest.approx(0.2) and off == []
     with pytest.raises(ValueError):
         greedy_ablation(lambda: 1.0, [], 0.0, Off)
+
+
+def test_model_readers_move_cpu_inputs_to_the_models_device():
+    # The GPU rule without a GPU: the model on `meta`, ids and masks built on the CPU; inside device_guard an input
+    # that reaches a layer on another device raises a ValueError, and the scores accept CPU masks for meta weights.
+    import attention as att
+    from shared.validate import device_guard
+
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, d_model=16)).to("meta")
+    x = torch.randint(0, 32, (3, 8))
+    with device_guard(model):
+        maps = att.model_attention(model, x)
+        rows = att.model_attention(model, x, query_pos=torch.tensor([2, 3, 4]))
+        assert maps[0].shape == (3, 2, 8, 8) and maps[0].device.type == "meta" and rows[0].shape == (3, 2, 8)
+        assert att.per_token_loss(model, x, x).shape == (3, 8)
+        for targets in (att.offset_targets(8, 1), att.earlier_copy_targets(x, shift=1)):
+            with pytest.raises(RuntimeError, match="meta"):    # past the product with CPU masks: reads a value
+                att.head_score(torch.stack(maps), targets)
+        split = att.instance_vs_category(torch.stack(rows), x, torch.tensor([2, 3, 4]), torch.tensor([1, 2]))
+        assert split["right"].shape == (2, 3, 2)

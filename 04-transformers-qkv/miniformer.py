@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shared.model import model_device
 from shared.train import train
 from shared.validate import check_int
 
@@ -73,7 +74,7 @@ def _check_idx(cfg: "MiniConfig", idx, targets=None) -> None:
         raise ValueError(f"idx must have shape (B, T) with T >= 1, got {tuple(idx.shape)}")
     if idx.shape[1] > cfg.block_size:
         raise ValueError(f"idx has T={idx.shape[1]} tokens, more than block_size={cfg.block_size}")
-    if idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
+    if idx.numel() and idx.device.type != "meta" and (idx.min() < 0 or idx.max() >= cfg.vocab_size):   # meta: no values
         raise ValueError(f"idx values must lie in [0, {cfg.vocab_size}), got [{idx.min()}, {idx.max()}]")
     if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape):
         raise ValueError(f"targets must be a tensor of shape {tuple(idx.shape)}, got {getattr(targets, 'shape', targets)}")
@@ -316,8 +317,9 @@ def block_grad_norms(model: MiniFormer) -> torch.Tensor:
 
 def grad_norms_on_batch(model: MiniFormer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-block gradient norms (n_layer,) of the loss on one batch x, y (B, T); leaves no grads behind."""
+    dev = model_device(model)                      # the batch goes where the model is
     model.zero_grad(set_to_none=True)
-    _, loss = model(x, y)
+    _, loss = model(x.to(dev), y.to(dev))
     loss.backward()
     norms = block_grad_norms(model).detach()
     model.zero_grad(set_to_none=True)
@@ -434,6 +436,8 @@ def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tup
     """Mean loss (nats) and top-1 accuracy of ``model`` on the scored positions (y != -100) of x, y (B, T)."""
     was_training = model.training
     model.eval()
+    dev = model_device(model)
+    x, y = x.to(dev), y.to(dev)
     logits, loss = model(x, y)
     scored = y != -100
     acc = (logits.argmax(-1)[scored] == y[scored]).float().mean().item()
@@ -449,12 +453,13 @@ def head_scores(maps: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor
     earlier copy (where the answer sits). Returns two (n_layer, H) tensors in [0, 1].
     """
     W = torch.stack(maps)                                                                  # (L, B, H, T, T)
+    x = x.to(W.device)
     T = x.shape[1]
     prev = W.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(1, 3))                        # (L, H)
     same = (x[:, :, None] == x[:, None, :]).tril(-1)                                       # (B, T, T) j < i, same token
     target = torch.zeros_like(same)
     target[:, :, 1:] = same[:, :, :-1]                                                     # j+1 where x[j] == x[i]
-    target &= torch.ones(T, T, dtype=torch.bool).tril()                                    # visible only
+    target &= torch.ones(T, T, dtype=torch.bool, device=W.device).tril()                                    # visible only
     rows = target.any(-1)                                                                  # (B, T) has a target
     mass = (W * target[None, :, None]).sum(-1)                                             # (L, B, H, T)
     ind = (mass * rows[None, :, None]).sum(dim=(1, 3)) / rows.sum()                        # (L, H)

@@ -332,3 +332,20 @@ def test_bad_inputs():
         overfit_one_batch(model, ok, ok, lr=-1.0)
     with pytest.raises(ValueError, match="standard block"):
         torch_reference_block(Block(tiny(qkv="no_o")))
+
+
+def test_helpers_move_their_batches_to_the_models_device():
+    import miniformer as mf
+
+    # The GPU rule without a GPU: the model on `meta`, batches built on the CPU (as the notebook's probe batch once
+    # was); inside device_guard a helper that forgot to move its inputs raises a device-mismatch ValueError.
+    from shared.validate import device_guard
+
+    model = mf.MiniFormer(mf.MiniConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, d_model=8)).to("meta")
+    x = torch.randint(0, 16, (2, 8))
+    with device_guard(model):
+        assert mf.grad_norms_on_batch(model, x, x).shape == (2,)
+        with pytest.raises(RuntimeError, match="meta"):    # gets as far as reading a value: .item() on meta
+            mf.loss_and_accuracy(model, x, x)
+        prev, ind = mf.head_scores(model.attention_maps(x.to("meta")), x)
+        assert prev.shape == ind.shape == (2, 2)

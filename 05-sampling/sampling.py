@@ -28,7 +28,7 @@ import re
 import torch
 
 from shared.data import story_logprob
-from shared.model import decode
+from shared.model import decode, model_device
 from shared.model import draw as draw_from_probs
 from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls sampling.wilson)
 
@@ -245,7 +245,7 @@ class Sampler:
         penalised = self.knobs.get("repetition_penalty") is not None
         if self.greedy:
             nxt = sample(logits, greedy=True, repetition_penalty=self.knobs["repetition_penalty"], prev_ids=ids)
-            self.entropies.append(torch.zeros(len(logits)))
+            self.entropies.append(torch.zeros(len(logits), device=logits.device))
         else:
             filtered = filter_logits(logits, prev_ids=ids if penalised else None, **self.knobs)
             nxt = draw(filtered, self.generator)
@@ -289,6 +289,7 @@ def perplexity(model, ids: torch.Tensor, prompt_len: int, stop_id: int | None = 
     `stop_id`: the perplexity of the first document, not of what follows it."""
     _check_ids("ids", ids)
     _number("prompt_len", prompt_len, 1, ids.shape[1] - 1, integer=True)
+    ids = ids.to(model_device(model))                        # the batch goes where the model is
     logits = model(ids[:, :-1])[0].float()                               # (B, T-1, V)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0][:, prompt_len - 1:]
     keep = torch.ones_like(logp) if stop_id is None else stop_mask(ids[:, prompt_len:], stop_id).float()

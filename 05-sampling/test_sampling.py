@@ -331,3 +331,18 @@ def test_permutation_chance_by_hand():
     assert S.permutation_chance([("x", "ball"), None, None], planted, key=lambda p: p[1]) == pytest.approx(1 / 6)
     with pytest.raises(ValueError, match="same length"):
         S.permutation_chance([None], planted)
+
+
+def test_generate_and_perplexity_move_cpu_batches_to_the_models_device():
+    # The GPU rule without a GPU: the model on `meta`, prompts built on the CPU; inside device_guard any input that
+    # reaches a layer on another device raises a ValueError. generate gets through the model's forward and stops at
+    # the sampler's first read of a value (its NaN check), which a meta tensor does not have.
+    from shared.model import GPT, GPTConfig
+    from shared.validate import device_guard
+
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, d_model=16)).to("meta")
+    prompt = torch.zeros((2, 3), dtype=torch.long)
+    with device_guard(model):
+        with pytest.raises(RuntimeError, match="meta"):
+            S.generate(model, prompt, 4, greedy=True)
+        assert S.perplexity(model, torch.zeros((2, 6), dtype=torch.long), 2).shape == (2,)

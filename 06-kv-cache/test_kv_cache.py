@@ -266,3 +266,16 @@ def test_rss_is_measurable_says_why():
     assert isinstance(ok, bool) and why
     if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
         assert ok
+
+
+def test_decoding_loops_move_cpu_prompts_to_the_models_device():
+    # The GPU rule without a GPU: the model on `meta`, the prompt built on the CPU; inside device_guard an input on
+    # another device than a layer raises a ValueError. Greedy decoding reads no value, so both loops run to the end.
+    from shared.validate import device_guard
+
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, d_model=16)).to("meta")
+    prompt = torch.zeros((2, 3), dtype=torch.long)
+    with device_guard(model):
+        for loop in (generate_cached, generate_naive):
+            out = loop(model, prompt, 4)
+            assert out.shape == (2, 7) and out.device.type == "meta"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from shared import data
-from shared.model import decode, sample_next
+from shared.model import decode, model_device, sample_next
 from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls synth.wilson)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -340,10 +340,11 @@ def next_word_probs(model, tokenizer, contexts, words) -> np.ndarray:
     if any(len(i) != 1 for i in ids):
         raise ValueError("every word must be a single token with its leading space")
     ids = [i[0] for i in ids]
+    dev = model_device(model)                  # contexts go where the model is
     out = np.zeros(len(words))
     for c in contexts:
         x = torch.tensor([[tokenizer.eos_token_id] + tokenizer(c, add_special_tokens=False)["input_ids"]])
-        p = model(x)[0][0, -1].softmax(-1)[ids].double().numpy()
+        p = model(x.to(dev))[0][0, -1].softmax(-1)[ids].double().cpu().numpy()
         out += p / p.sum()
     return out / len(contexts)
 
@@ -421,11 +422,12 @@ def greedy_reproduces(model, tokenizer, texts, prompt_sentences: int = 1) -> lis
     (up to and including end-of-text)? Computed exactly with one teacher-forced pass: greedy reproduces the
     text iff the argmax equals the true next token at every position after the prompt."""
     eos = tokenizer.eos_token_id
+    dev = model_device(model)
     out = []
     for t in texts:
         prompt = " ".join(sentences(t)[:prompt_sentences])
         n_prompt = 1 + len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        ids = torch.tensor([[eos] + tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]])
+        ids = torch.tensor([[eos] + tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]], device=dev)
         pred = model(ids[:, :-1])[0].argmax(-1)                      # (1, T-1)
         out.append(bool((pred[0, n_prompt - 1:] == ids[0, n_prompt:]).all()))
     return out
@@ -444,6 +446,7 @@ def story_bits(model, tokenizer, texts, batch_size: int = 64) -> np.ndarray:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     eos = tokenizer.eos_token_id
+    dev = model_device(model)                  # batches go where the model is
     out = []
     for start in range(0, len(texts), batch_size):
         rows = [[eos] + tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts[start:start + batch_size]]
@@ -453,8 +456,9 @@ def story_bits(model, tokenizer, texts, batch_size: int = 64) -> np.ndarray:
         for i, r in enumerate(rows):
             ids[i, :len(r)] = torch.tensor(r)
             mask[i, :len(r) - 1] = True
+        ids, mask = ids.to(dev), mask.to(dev)
         logp = model(ids[:, :-1])[0].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]   # (B, width - 1)
-        out.append(-(logp * mask).sum(1).double().numpy() / math.log(2))
+        out.append(-(logp * mask).sum(1).double().cpu().numpy() / math.log(2))
     return np.concatenate(out)
 
 
@@ -462,9 +466,10 @@ def story_bits(model, tokenizer, texts, batch_size: int = 64) -> np.ndarray:
 def story_bits_per_char(model, tokenizer, texts) -> np.ndarray:
     """The model's code length of each story (after end-of-text, including the final end-of-text), bits/char."""
     eos = tokenizer.eos_token_id
+    dev = model_device(model)
     out = []
     for t in texts:
-        ids = torch.tensor([[eos] + tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]])
+        ids = torch.tensor([[eos] + tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]], device=dev)
         loss = model(ids[:, :-1], ids[:, 1:])[1].item()               # nats/token
         out.append(loss * (ids.shape[1] - 1) / len(t) / math.log(2))
     return np.array(out)

@@ -197,3 +197,22 @@ def test_story_bits_against_per_story_loss():
         synth.story_bits(m, tok, [])
     with pytest.raises(ValueError):
         synth.story_bits(m, tok, texts, batch_size=0)
+
+
+def test_model_readers_move_their_batches_to_the_models_device():
+    # The GPU rule without a GPU: the model on `meta`, batches built on the CPU; inside device_guard an input that
+    # reaches a layer on another device raises a ValueError. Each reader gets through the model and stops at its
+    # first read of a value (a meta tensor has none).
+    import torch
+    from shared.model import GPT, GPTConfig
+    from shared.tokenizer import train_tokenizer
+    from shared.validate import device_guard
+    tok = train_tokenizer(REAL, vocab_size=300)
+    m = GPT(GPTConfig(vocab_size=len(tok), block_size=256, n_layer=1, n_head=2, n_kv_head=2, d_model=16)).to("meta")
+    texts = REAL[:2]
+    with device_guard(m):
+        for read in (lambda: synth.story_bits(m, tok, texts), lambda: synth.story_bits_per_char(m, tok, texts),
+                     lambda: synth.greedy_reproduces(m, tok, texts),
+                     lambda: synth.sample_stories(m, tok, 2, max_new_tokens=3)):
+            with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+                read()

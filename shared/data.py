@@ -22,6 +22,7 @@ from itertools import accumulate
 
 import torch
 
+from .model import model_device
 from .validate import check_int
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,8 +396,7 @@ def recall_hits(model, items: list[RecallItem], pad_id: int, batch_size: int = 6
     check_int("batch_size", batch_size, 1)
     if not items:
         raise ValueError("items is empty")
-    params = getattr(model, "parameters", None)
-    dev = next(params(), torch.empty(0)).device if params else torch.device("cpu")   # inputs go to the model
+    dev = model_device(model)                                             # inputs go to the model
     hits = []
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]

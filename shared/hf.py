@@ -58,7 +58,7 @@ def _key_map(n_layer: int) -> dict[str, str]:
 
 
 def to_hf(model: GPT, tokenizer=None):
-    """A `LlamaForCausalLM` (eval mode, float32) with our weights copied in."""
+    """A `LlamaForCausalLM` (eval mode, float32) with our weights copied in, on our model's device."""
     from transformers import LlamaForCausalLM
 
     if not isinstance(model, GPT):
@@ -70,7 +70,7 @@ def to_hf(model: GPT, tokenizer=None):
     load_weights(hf, theirs, tied=model.cfg.tie_embeddings)
     if model.cfg.tie_embeddings:
         hf.tie_weights()
-    return hf.eval()
+    return hf.to(next(model.parameters()).device).eval()
 
 
 def save_hf(model: GPT, tokenizer, path: str | Path) -> Path:

@@ -407,6 +407,16 @@ class GPT(nn.Module):
 PickNext = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (logits (B, V), ids so far (B, T)) -> (B,) ids
 
 
+def model_device(model) -> torch.device:
+    """Where `model` computes: the device of its first parameter or buffer, the CPU for a model without any (an
+    oracle, a count table, a plain function). Helpers move their inputs here (the device rule)."""
+    for tensors in (getattr(model, "parameters", None), getattr(model, "buffers", None)):
+        first = next(tensors(), None) if callable(tensors) else None
+        if first is not None:
+            return first.device
+    return torch.device("cpu")
+
+
 def state_dict_untied(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict as contiguous tensors, without `lm_head.weight` when the model ties it to the token embedding
     (one tensor under two names: safetensors refuses shared storage, and `load_weights` re-ties it)."""
@@ -477,7 +487,8 @@ def decode(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, pick_next: 
     (the length it was trained at) and is unlimited for other models; a GPT with learned/sinusoidal positions
     cannot take a window longer than its table. With `use_cache` (default: when `model` is a `GPT`) the prompt
     runs once and then one token per step, each layer's attention keeping its keys/values in a per-layer dict;
-    once the context passes the window, decoding falls back to the sliding re-run.
+    once the context passes the window, decoding falls back to the sliding re-run. The prompt is moved to the
+    model's device; the returned ids live there.
     """
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long or idx.shape[1] == 0:
         raise ValueError(f"idx must be a (B, T0 >= 1) long tensor, got {getattr(idx, 'shape', type(idx).__name__)}")
@@ -495,6 +506,7 @@ def decode(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, pick_next: 
     use_cache = is_gpt if use_cache is None else use_cache
     if use_cache and not is_gpt:
         raise TypeError(f"use_cache needs a shared GPT (forward with start_pos and caches), got {type(model).__name__}")
+    idx = idx.to(model_device(model))
     was_training = model.training
     model.eval()
     caches = [{} for _ in model.blocks] if use_cache else None

@@ -32,6 +32,8 @@ def heatmap(ax, matrix, xlabels: Sequence[str] | None = None, ylabels: Sequence[
             title: str = "", cmap: str = "viridis", vmin=None, vmax=None, colorbar: bool = True,
             xlabel: str = "", ylabel: str = "", label_size: int = 7):
     """Draw a 2-D array as an image with optional token labels on both axes. Returns the image artist."""
+    if hasattr(matrix, "detach"):
+        matrix = matrix.detach().cpu()                 # a torch tensor may live on the GPU
     data = np.asarray(matrix, dtype=float)
     if data.ndim != 2:
         raise ValueError(f"heatmap needs a 2-D matrix, got shape {data.shape}")

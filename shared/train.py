@@ -138,6 +138,8 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = N
             group["lr"] = lr_schedule(step) if lr_schedule else lr_at(step, steps, lr, warmup, min_lr_ratio, decay_start)
         x, y = next_batch(g)
         loss = train_step(model, opt, x.to(dev), y.to(dev), grad_clip)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()          # kernels run asynchronously: time the step, not its launch
         train_time += time.perf_counter() - t0
         losses[step] = loss
         if on_step is not None:

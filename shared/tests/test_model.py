@@ -251,3 +251,11 @@ def test_draw_follows_the_generator_and_checks_shape():
     assert abs(share - 0.5) < 5 * (0.25 / 200) ** 0.5                            # frequencies follow probs
     with pytest.raises(ValueError, match=r"\(B, V\)"):
         draw(torch.tensor([0.5, 0.5]))
+
+
+def test_model_device_is_where_the_weights_are_or_the_cpu():
+    from shared.model import model_device
+
+    assert model_device(torch.nn.Linear(2, 2).to("meta")).type == "meta"
+    assert model_device(torch.nn.BatchNorm1d(2, affine=False).to("meta")).type == "meta"   # buffers only
+    assert model_device(lambda x: x).type == "cpu"                                       # no weights at all
