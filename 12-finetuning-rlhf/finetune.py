@@ -22,7 +22,10 @@ __all__ = ["TASKS", "ROLE_TOKENS", "CHAT_TEMPLATE", "fact_sentence", "qa_example
            "LoRALinear", "trainable_parameters", "adamw_state_bytes", "wilson", "sequence_logprobs",
            "bradley_terry_loss", "dpo_loss", "true_preference", "preference_pairs", "frequency_ranker", "pair_batches",
            "masked_mean", "gae", "kl_estimate", "ppo_policy_loss", "ppo_value_loss", "PolicyWithValue",
-           "sample_responses", "response_logprobs", "rlhf_rewards", "ppo_step"]
+           "sample_responses", "response_logprobs", "rlhf_rewards", "ppo_step", "model_device", "to_device",
+           "to_chat_model", "new_reward_model", "reward_scores", "ranked_chosen_first", "train_reward_model",
+           "truly_ranked", "rollout_sequences", "score_sequences", "decode_replies", "wrong_type", "grade_greedy",
+           "run_ppo"]
 
 # task -> (question template, answer field). Templates use the row's fields.
 TASKS: dict[str, tuple[str, str]] = {
@@ -40,6 +43,22 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 FORMATS = ("chat", "plain")
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter (where its inputs must go)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        raise ValueError("the model has no parameter, so no device") from None
+
+
+def to_device(batch: dict, model) -> dict:
+    """A copy of a dict of tensors (others kept as they are) moved to `model`'s device."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
+    dev = model_device(model)
+    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _check_examples(examples) -> None:
@@ -148,7 +167,7 @@ def finetune(model, tokenizer, examples, *, steps: int, batch_size: int = 16, lr
     losses = []
     for _ in range(steps):
         idx = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
-        batch = collate(tokenizer, [examples[i] for i in idx], loss_on)
+        batch = to_device(collate(tokenizer, [examples[i] for i in idx], loss_on), model)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = completion_loss(logits, batch["labels"])
         loss.backward()
@@ -174,8 +193,8 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens: int = 4, batch_s
     try:
         out = []
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
-                            add_special_tokens=False)
+            enc = to_device(dict(tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
+                                           add_special_tokens=False)), model)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=False)
@@ -215,7 +234,7 @@ def answer_loss(model, tokenizer, examples) -> float:
     """Completion-only loss (nats per answer token, averaged over all answer tokens) of `examples` in one batch,
     teacher-forced; the model's train/eval mode is left as it is."""
     _check_examples(examples)
-    b = collate(tokenizer, examples)
+    b = to_device(collate(tokenizer, examples), model)
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     return completion_loss(logits, b["labels"]).item()
 
@@ -286,7 +305,9 @@ def adamw_state_bytes(optimizer) -> int:
 
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
-    """Sum of log p(token) over each sequence's labelled tokens: (B,). The quantity DPO's ratios are built of."""
+    """Sum of log p(token) over each sequence's labelled tokens: (B,), on the model's device. The quantity DPO's
+    ratios are built of."""
+    batch = to_device(batch, model)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)          # (B, T-1, V)
     target = batch["labels"][:, 1:]
@@ -432,10 +453,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     mask = mask.to(values.dtype)
     B, K = rewards.shape
     adv = torch.zeros_like(values)
-    running = torch.zeros(B, dtype=values.dtype)
+    running = values.new_zeros(B)
     for t in reversed(range(K)):
-        alive = mask[:, t + 1] if t + 1 < K else torch.zeros(B, dtype=values.dtype)   # a next token exists
-        next_value = values[:, t + 1] * alive if t + 1 < K else torch.zeros(B, dtype=values.dtype)
+        alive = mask[:, t + 1] if t + 1 < K else values.new_zeros(B)   # a next token exists
+        next_value = values[:, t + 1] * alive if t + 1 < K else values.new_zeros(B)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         running = (delta + gamma * lam * alive * running) * mask[:, t]
         adv[:, t] = running
@@ -483,7 +504,7 @@ class PolicyWithValue(nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
-        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        self.value_head = nn.Linear(lm.config.hidden_size, 1, device=model_device(lm))
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
@@ -513,10 +534,12 @@ def sample_responses(lm, prompts, max_new_tokens: int, eos_id: int, pad_id: int,
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    P = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts])
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    alive = torch.ones(len(prompts), dtype=torch.bool)
+    from shared.model import draw
+
+    P, dev = max(len(p) for p in prompts), model_device(lm)
+    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=dev)
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=dev)
+    alive = torch.ones(len(prompts), dtype=torch.bool, device=dev)
     past = None
     for _ in range(max_new_tokens):
         if use_cache:
@@ -530,7 +553,7 @@ def sample_responses(lm, prompts, max_new_tokens: int, eos_id: int, pad_id: int,
         if temperature == 0:
             nxt = logits.argmax(-1)
         else:
-            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
+            nxt = draw(torch.softmax(logits / temperature, -1), generator)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
         ids = torch.cat([ids, nxt[:, None]], 1)
         mask = torch.cat([mask, alive.long()[:, None]], 1)
@@ -541,6 +564,7 @@ def sample_responses(lm, prompts, max_new_tokens: int, eos_id: int, pad_id: int,
 def response_logprobs(model, rollout: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(response token) (B, K) under `model` (a `PolicyWithValue` or a plain causal LM), and the values
     V(state before each token) (B, K) for a `PolicyWithValue` (None for a plain LM)."""
+    rollout = to_device(rollout, model)
     ids, mask, K = rollout["input_ids"], rollout["attention_mask"], rollout["response"].shape[1]
     pos = _positions(mask)
     if isinstance(model, PolicyWithValue):
@@ -574,6 +598,7 @@ def ppo_step(policy: PolicyWithValue, ref, optimizer, rollout: dict, scores: tor
     from shared.validate import check_int
 
     check_int("epochs", epochs, 1)
+    rollout, scores = to_device(rollout, policy), scores.to(model_device(policy))
     mask = rollout["response_mask"].float()
     with torch.no_grad():
         policy.eval()
@@ -595,3 +620,168 @@ def ppo_step(policy: PolicyWithValue, ref, optimizer, rollout: dict, scores: tor
     kl = (kl_estimate(old_logp, ref_logp) * mask).sum(1).mean()
     return {"score": scores.float().mean().item(), "kl": kl.item(), "clipfrac": clipfrac.item(),
             "pg_loss": pg_loss.item(), "v_loss": v_loss.item(), "length": mask.sum(1).mean().item()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The notebook's plumbing: the chat model, the reward model's training and scoring, grading rollouts, a PPO run.
+
+def to_chat_model(model, tokenizer, seed: int = 0):
+    """The shared GPT as a 🤗 `LlamaForCausalLM` (`shared.hf.to_hf`), its embedding grown to `len(tokenizer)` (the
+    new rows, e.g. role tokens, drawn with `seed` around the mean embedding), on `model`'s device, in eval mode."""
+    from shared import hf
+
+    m = hf.to_hf(model, tokenizer)
+    torch.manual_seed(seed)
+    m.resize_token_embeddings(len(tokenizer))
+    return m.to(model_device(model)).eval()
+
+
+def new_reward_model(lm, seed: int):
+    """A reward model: `LlamaForSequenceClassification` (one scalar output) carrying `lm`'s body weights, under a
+    fresh head drawn with `seed` (the only weights not loaded), on `lm`'s device.
+    Returns (reward model, the names of the weights not taken from `lm`)."""
+    from transformers import LlamaForSequenceClassification
+
+    if not hasattr(lm, "config") or not hasattr(lm, "state_dict"):
+        raise TypeError(f"lm must be a 🤗 causal LM, got {type(lm).__name__}")
+    torch.manual_seed(seed)
+    m = LlamaForSequenceClassification(type(lm.config)(**{**lm.config.to_dict(), "num_labels": 1}))
+    missing = m.load_state_dict({k: v for k, v in lm.state_dict().items() if k.startswith("model.")}, strict=False)
+    return m.to(model_device(lm)), missing.missing_keys
+
+
+def reward_scores(reward_model, batch: dict) -> torch.Tensor:
+    """The reward model's scalar per sequence of a right-padded batch (its score at the last real token): (B,)."""
+    batch = to_device(batch, reward_model)
+    return reward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+
+
+@torch.no_grad()
+def ranked_chosen_first(reward_model, chosen: dict, rejected: dict):
+    """Per pair, whether the reward model scores the chosen side above the rejected one: a numpy bool array."""
+    reward_model.eval()
+    return (reward_scores(reward_model, chosen) > reward_scores(reward_model, rejected)).cpu().numpy()
+
+
+def train_reward_model(reward_model, tokenizer, pairs, *, steps: int, batch_size: int, seed: int,
+                       lr: float = 1e-3) -> list[float]:
+    """Bradley-Terry training with AdamW (no weight decay) on `pairs` (`preference_pairs`), batches drawn with a
+    seeded generator. Returns the loss per step; leaves the model in train mode."""
+    from shared.validate import check_int
+
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1)
+    if not isinstance(pairs, (list, tuple)) or not pairs:
+        raise ValueError("pairs must be a non-empty list of preference pairs")
+    reward_model.config.pad_token_id = tokenizer.pad_token_id
+    opt = torch.optim.AdamW(reward_model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    reward_model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(pairs), (batch_size,), generator=gen).tolist()
+        bc, br = pair_batches(tokenizer, [pairs[i] for i in idx])
+        loss = bradley_terry_loss(reward_scores(reward_model, bc), reward_scores(reward_model, br))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def truly_ranked(pair: dict, eos: str = "<|endoftext|>") -> bool:
+    """The true preference function ranks the pair's chosen answer above its rejected one."""
+    pref = lambda side: true_preference(pair[side].replace(eos, ""), pair["answer"])
+    return pref("chosen") > pref("rejected")
+
+
+def rollout_sequences(prompts, rollout: dict) -> list[list[int]]:
+    """Prompt token ids + the reply's tokens up to its end-of-text, per rollout (python lists)."""
+    if len(prompts) != rollout["response"].shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {rollout['response'].shape[0]} rollouts")
+    resp, rmask = rollout["response"].cpu(), rollout["response_mask"].cpu()
+    return [list(p) + r[:int(m.sum())].tolist() for p, r, m in zip(prompts, resp, rmask)]
+
+
+@torch.no_grad()
+def score_sequences(reward_model, seqs, pad_id: int) -> torch.Tensor:
+    """The reward model's score of each token-id sequence (prompt + reply), right-padded into one batch: (B,) on
+    the CPU."""
+    if not isinstance(seqs, (list, tuple)) or not seqs or not all(len(s) for s in seqs):
+        raise ValueError("seqs must be a non-empty list of non-empty token-id lists")
+    T = max(map(len, seqs))
+    ids = torch.tensor([list(s) + [pad_id] * (T - len(s)) for s in seqs])
+    return reward_scores(reward_model, {"input_ids": ids, "attention_mask": (ids != pad_id).long()}).cpu()
+
+
+def decode_replies(tokenizer, rollout: dict) -> list[str]:
+    """Each rollout's reply as text: its tokens up to (not including) the end-of-text, stripped."""
+    eos, out = tokenizer.eos_token_id, []
+    for r, m in zip(rollout["response"].cpu(), rollout["response_mask"].cpu()):
+        t = r[:int(m.sum())].tolist()
+        out.append(tokenizer.decode(t[:-1] if t[-1:] == [eos] else t).strip())
+    return out
+
+
+def wrong_type(replies, examples, categories: dict):
+    """Per reply, whether it is not one word of the asked field's category (numpy bool array)."""
+    import numpy as np
+
+    if len(replies) != len(examples):
+        raise ValueError(f"{len(replies)} replies for {len(examples)} examples")
+    return np.array([r not in categories[TASKS[e["task"]][1]] for r, e in zip(replies, examples)])
+
+
+def grade_greedy(lm, tokenizer, prompts, examples, reward_model, categories: dict, max_new_tokens: int = 4) -> dict:
+    """Greedy replies of `lm` to token-id `prompts` (the questions of `examples`), graded by a reward model
+    (its scores and their mean, `reward`) and by the true preference (`true`, per question); `wrong_type` and
+    `wordy` (more than one word) per reply; and the replies."""
+    import numpy as np
+
+    ro = sample_responses(lm, prompts, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature=0)
+    replies = decode_replies(tokenizer, ro)
+    scores = score_sequences(reward_model, rollout_sequences(prompts, ro), tokenizer.pad_token_id).numpy()
+    return {"reward": float(scores.mean()), "scores": scores, "replies": replies,
+            "true": np.array([true_preference(r, e["answer"]) for r, e in zip(replies, examples)]),
+            "wrong_type": wrong_type(replies, examples, categories),
+            "wordy": np.array([len(r.split()) > 1 for r in replies])}
+
+
+def run_ppo(sft_model, ref_model, reward_model, tokenizer, train_examples, eval_examples, categories: dict, *,
+            beta: float, seed: int, steps: int, batch_size: int, lr: float, eval_every: int,
+            max_new_tokens: int = 4, start_eval: dict | None = None) -> tuple[list[dict], dict]:
+    """PPO (`ppo_step`: 4 epochs, clip 0.2, gamma 1, lambda 0.95) from a copy of `sft_model` with a value head, on
+    `reward_model`'s score, with the KL penalty `beta` to `ref_model`. AdamW: lr for the LM, 10 lr for the value
+    head (it starts at zero). Prompts and the sampling are seeded by `seed`. Every `eval_every` steps the greedy
+    replies to `eval_examples` are graded (`grade_greedy`); step 0 is `start_eval` when given.
+    Returns (per-step statistics with the sampled batch's mean true preference `true`, {step: grading})."""
+    import copy
+
+    import numpy as np
+    from shared.validate import check_int
+
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)):
+        check_int(name, v, 1)
+    enc = lambda e: tokenizer(e["prompt"], add_special_tokens=False)["input_ids"]
+    prompts, eval_prompts = [enc(e) for e in train_examples], [enc(e) for e in eval_examples]
+    grade_ = lambda lm: grade_greedy(lm, tokenizer, eval_prompts, eval_examples, reward_model, categories,
+                                     max_new_tokens)
+    torch.manual_seed(seed)
+    policy = PolicyWithValue(copy.deepcopy(sft_model))
+    opt = torch.optim.AdamW([{"params": policy.lm.parameters(), "lr": lr},
+                             {"params": policy.value_head.parameters(), "lr": 10 * lr}], weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    hist, evals = [], {0: start_eval if start_eval is not None else grade_(sft_model)}
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(prompts), (batch_size,), generator=gen).tolist()
+        batch_prompts = [prompts[i] for i in idx]
+        ro = sample_responses(policy.lm, batch_prompts, max_new_tokens, tokenizer.eos_token_id,
+                              tokenizer.pad_token_id, generator=gen)
+        scores = score_sequences(reward_model, rollout_sequences(batch_prompts, ro), tokenizer.pad_token_id)
+        stats = ppo_step(policy, ref_model, opt, ro, scores, beta=beta, gamma=1.0, lam=0.95, clip=0.2, epochs=4)
+        stats["true"] = float(np.mean([true_preference(r, train_examples[i]["answer"])
+                                       for r, i in zip(decode_replies(tokenizer, ro), idx)]))
+        hist.append(stats)
+        if step % eval_every == 0:
+            evals[step] = grade_(policy.lm)
+    return hist, evals

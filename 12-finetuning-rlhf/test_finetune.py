@@ -364,15 +364,18 @@ def test_sampling_logprobs_and_a_ppo_step(rows, tok):
         assert (resp[n:] == pad).all() and (eos not in resp[:n - 1].tolist())
     seen = {True: [], False: []}                                   # the next-token logits each call computes
 
-    def recording(use_cache):
-        def call(**kw):
-            out = lm(**kw)
-            seen[use_cache].append(out.logits[:, -1])
+    class Recording(torch.nn.Module):                              # the model, its next-token logits recorded
+        def __init__(self, use_cache):
+            super().__init__()
+            self.lm, self.use_cache = lm, use_cache
+
+        def forward(self, **kw):
+            out = self.lm(**kw)
+            seen[self.use_cache].append(out.logits[:, -1])
             return out
-        return call
     for temperature in (0.0, 1.0):                                 # the key/value cache changes nothing but speed
         seen[True].clear(), seen[False].clear()
-        a, b = (ft.sample_responses(recording(c), prompts, 4, eos, pad, generator=torch.Generator().manual_seed(0),
+        a, b = (ft.sample_responses(Recording(c), prompts, 4, eos, pad, generator=torch.Generator().manual_seed(0),
                                     temperature=temperature, use_cache=c) for c in (True, False))
         assert all(torch.equal(a[k], b[k]) for k in a), temperature
         torch.testing.assert_close(torch.stack(seen[True]), torch.stack(seen[False]), atol=1e-5, rtol=0)
@@ -405,3 +408,115 @@ def test_sampling_logprobs_and_a_ppo_step(rows, tok):
         ft.kl_estimate(torch.zeros(2), torch.zeros(2), "k2")
     with pytest.raises(ValueError, match="shapes"):
         ft.gae(torch.zeros(1, 2), torch.zeros(1, 3), torch.ones(1, 2))
+
+
+def test_reward_model_plumbing_trains_scores_and_ranks(rows, tok):
+    from shared.data import CATEGORIES
+
+    lm = tiny_hf(tok)
+    rm, missing = ft.new_reward_model(lm, seed=0)
+    assert missing == ["score.weight"]                          # only the head is new
+    assert torch.equal(rm.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+    rm_again, _ = ft.new_reward_model(lm, seed=0)
+    assert torch.equal(rm.score.weight, rm_again.score.weight)  # the head is seeded
+    ex = ft.qa_examples(rows[:8])
+    pairs = ft.preference_pairs(ex, CATEGORIES, seed=0)
+    assert all(ft.truly_ranked(p) for p in pairs)
+    flipped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
+    assert not any(ft.truly_ranked(p) for p in flipped)
+    losses = ft.train_reward_model(rm, tok, pairs, steps=3, batch_size=4, seed=0)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    bc, br = ft.pair_batches(tok, pairs)
+    ranked = ft.ranked_chosen_first(rm, bc, br)
+    with torch.no_grad():
+        assert (ranked == (ft.reward_scores(rm, bc) > ft.reward_scores(rm, br)).numpy()).all()
+        # score_sequences on unpadded token lists == reward_scores on the right-padded batch
+        seqs = [ids[m.bool()].tolist() for ids, m in zip(bc["input_ids"], bc["attention_mask"])]
+        torch.testing.assert_close(ft.score_sequences(rm, seqs, tok.pad_token_id), ft.reward_scores(rm, bc))
+    assert ft.ranked_chosen_first(rm, bc, bc).sum() == 0        # a tie is not a win
+    with pytest.raises(ValueError, match="non-empty"):
+        ft.train_reward_model(rm, tok, [], steps=1, batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        ft.score_sequences(rm, [], tok.pad_token_id)
+    with pytest.raises(TypeError, match="causal LM"):
+        ft.new_reward_model(torch.nn.Linear(2, 2), seed=0)
+
+
+def test_rollout_helpers_and_a_short_ppo_run(rows, tok):
+    from shared.data import CATEGORIES
+
+    lm = tiny_hf(tok)
+    ex = ft.qa_examples(rows[:4])
+    prompts = [tok(e["prompt"], add_special_tokens=False)["input_ids"] for e in ex]
+    ro = ft.sample_responses(lm, prompts, 3, tok.eos_token_id, tok.pad_token_id, temperature=0)
+    seqs = ft.rollout_sequences(prompts, ro)
+    replies = ft.decode_replies(tok, ro)
+    for p, s, r, resp, m in zip(prompts, seqs, replies, ro["response"], ro["response_mask"]):
+        assert s[:len(p)] == p and len(s) == len(p) + int(m.sum())
+        kept = resp[:int(m.sum())].tolist()
+        assert r == tok.decode([t for t in kept if t != tok.eos_token_id]).strip()
+    assert list(ft.wrong_type(["red", "Tom"], [{"task": "colour"}, {"task": "colour"}], CATEGORIES)) == [False, True]
+    with pytest.raises(ValueError, match="replies for"):
+        ft.wrong_type(["red"], [], CATEGORIES)
+    with pytest.raises(ValueError, match="prompts for"):
+        ft.rollout_sequences(prompts[:1], ro)
+    rm, _ = ft.new_reward_model(lm, seed=0)
+    g = ft.grade_greedy(lm, tok, prompts, ex, rm, CATEGORIES, max_new_tokens=3)
+    assert g["replies"] == replies and g["true"].shape == (len(ex),) and g["scores"].shape == (len(ex),)
+    assert g["wordy"].tolist() == [len(r.split()) > 1 for r in replies]
+    ref = ft.to_chat_model(GPT(GPTConfig(vocab_size=len(tok) - 2, block_size=64, n_layer=2, n_head=2, n_kv_head=1,
+                                         d_model=32)), tok)
+    assert ref.get_input_embeddings().weight.shape[0] == len(tok)     # grown by the two role tokens
+    hist, evals = ft.run_ppo(lm, lm, rm, tok, ex, ex[:2], CATEGORIES, beta=0.1, seed=0, steps=2, batch_size=2,
+                             lr=1e-3, eval_every=2, max_new_tokens=3)
+    assert len(hist) == 2 and sorted(evals) == [0, 2] and 0 <= hist[0]["true"] <= 1
+    with pytest.raises(ValueError):
+        ft.run_ppo(lm, lm, rm, tok, ex, ex, CATEGORIES, beta=0.1, seed=0, steps=0, batch_size=2, lr=1e-3,
+                   eval_every=1)
+
+
+def test_model_facing_helpers_move_inputs_to_the_model_device(rows, tok):
+    # The GPU-ready check without a GPU: each model on `meta`, every helper run inside device_guard. A helper that
+    # left a batch on the CPU would raise the guard's ValueError; reaching a value read (.item(), .numpy(), a
+    # data-dependent op) on meta raises NotImplementedError/RuntimeError instead: the device plumbing held so far.
+    from shared.data import CATEGORIES
+    from shared.validate import device_guard
+
+    ex = ft.qa_examples(rows[:2])
+    prompts = [tok(e["prompt"], add_special_tokens=False)["input_ids"] for e in ex]
+    lm = tiny_hf(tok).to("meta")
+    rm, _ = ft.new_reward_model(tiny_hf(tok), seed=0)
+    rm = rm.to("meta")
+    bc, br = ft.pair_batches(tok, ft.preference_pairs(ex, CATEGORIES, seed=0))
+    value_reads = (NotImplementedError, RuntimeError)
+    calls = [
+        lambda: ft.finetune(lm, tok, ex, steps=1, batch_size=2),
+        lambda: ft.answer_loss(lm, tok, ex),
+        lambda: ft.generate_answers(lm, tok, [e["prompt"] for e in ex]),
+        lambda: ft.sequence_logprobs(lm, bc),
+        lambda: ft.sample_responses(lm, prompts, 2, tok.eos_token_id, tok.pad_token_id, temperature=0),
+        lambda: ft.sample_responses(lm, prompts, 2, tok.eos_token_id, tok.pad_token_id,
+                                    generator=torch.Generator().manual_seed(0)),
+        lambda: ft.reward_scores(rm, bc),
+        lambda: ft.ranked_chosen_first(rm, bc, br),
+        lambda: ft.score_sequences(rm, prompts, tok.pad_token_id),
+        lambda: ft.train_reward_model(rm, tok, ft.preference_pairs(ex, CATEGORIES), steps=1, batch_size=2, seed=0),
+    ]
+    for call in calls:
+        for model in (lm, rm):
+            with device_guard(model):
+                try:
+                    call()
+                except value_reads as err:
+                    assert "device mismatch" not in str(err)
+    policy = ft.PolicyWithValue(lm)
+    assert policy.value_head.weight.device.type == "meta"             # the head follows the LM
+    cpu_ro = ft.sample_responses(tiny_hf(tok), prompts, 2, tok.eos_token_id, tok.pad_token_id, temperature=0)
+    with device_guard(policy):
+        try:
+            ft.response_logprobs(policy, cpu_ro)                      # a CPU rollout, a meta policy
+        except value_reads as err:
+            assert "device mismatch" not in str(err)
+    vals = torch.zeros(2, 3, device="meta")
+    adv, _ = ft.gae(vals, vals, torch.ones(2, 3, device="meta"))
+    assert adv.device.type == "meta"
