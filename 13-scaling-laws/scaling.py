@@ -298,7 +298,8 @@ def wsd_lr(step: int, end: int, lr: float, warmup: int, cooldown: float = 0.2) -
 @dataclass
 class WSDRun:
     """What `train_wsd` measured. cooled[S]: evaluate() after a full WSD run of S steps (a branch, or the main
-    run for the last S); uncooled[S]: evaluate() of the main run at step S, still at constant rate (no decay)."""
+    run for the last S); uncooled[S]: evaluate() of the main run at step S, still at constant rate (no decay); seconds: time in training steps (process CPU seconds on the
+    CPU, synchronised wall seconds on CUDA)."""
     cooled: dict
     uncooled: dict
     train_loss: list
@@ -349,6 +350,9 @@ def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, s
         if next(m.parameters()).device.type == "cuda":
             torch.cuda.synchronize()
 
+    # on the CPU the process's CPU time (a loaded machine stretches wall time, not the work); on a GPU wall time
+    clock = time.perf_counter if next(model.parameters()).device.type == "cuda" else time.process_time
+
     def step_once(m, opt, g, step, end):
         for group in opt.param_groups:
             group["lr"] = wsd_lr(step, end, lr, warmup, cooldown)
@@ -368,20 +372,20 @@ def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, s
             opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
             g2 = torch.Generator()
             g2.set_state(g.get_state())
-            t0 = time.perf_counter()
+            t0 = clock()
             for s in range(step, end):
                 step_once(m2, opt2, g2, s, end)
             _sync(m2)
-            seconds += time.perf_counter() - t0
+            seconds += clock() - t0
             run.cooled[end] = float(evaluate(m2))
             model.train()
         if (mid_run and step in ends and step < last - max(1, round(cooldown * last)) + 1) or step in probes:
             run.uncooled[step] = float(evaluate(model))    # main run at step S, still at the constant rate
             model.train()
-        t0 = time.perf_counter()
+        t0 = clock()
         losses.append(step_once(model, opt, g, step, last))
         _sync(model)
-        seconds += time.perf_counter() - t0
+        seconds += clock() - t0
     run.cooled[last] = float(evaluate(model))
     run.train_loss = torch.stack(losses).cpu().tolist()
     run.seconds = seconds
