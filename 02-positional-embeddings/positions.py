@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shared.model import Attention
+from shared.model import Attention, model_device
 from shared.validate import check_ints
 
 SCHEMES = ("sinusoidal", "learned", "rope", "alibi", "none")
@@ -368,12 +368,6 @@ def _windows(tokens: torch.Tensor, seq_len: int, n_windows: int, seed: int) -> t
     return torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def loss_by_position(model: nn.Module, tokens: torch.Tensor, seq_len: int, n_windows: int = 64,
                      batch_size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -384,7 +378,7 @@ def loss_by_position(model: nn.Module, tokens: torch.Tensor, seq_len: int, n_win
     model: idx (B, T) -> (logits (B, T, V), ...); batches go to the model's device.
     """
     check_ints(1, batch_size=batch_size)
-    windows = _windows(tokens, seq_len, n_windows, seed).to(_model_device(model))     # (N, T + 1)
+    windows = _windows(tokens, seq_len, n_windows, seed).to(model_device(model))     # (N, T + 1)
     was_training = model.training
     model.eval()
     total = torch.zeros(seq_len, dtype=torch.float64)
@@ -414,7 +408,7 @@ def sliding_window_loss(model: nn.Module, tokens: torch.Tensor, seq_len: int, wi
     windows = _windows(tokens, seq_len, n_windows, seed)                        # (N, T + 1)
     ends = torch.arange(window - 1, seq_len, stride)
     chunks = torch.cat([windows[:, e - window + 1:e + 2] for e in ends.tolist()])   # (E * N, window + 1)
-    chunks = chunks.to(_model_device(model))
+    chunks = chunks.to(model_device(model))
     was_training = model.training
     model.eval()
     nll = []

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shared.model import GPT, Attention
+from shared.model import GPT, Attention, model_device
 from shared.validate import check_ints
 
 __all__ = ["CacheOverflowError", "KVCache", "kv_cache_bytes", "attend", "forward_cached", "generate_cached",
@@ -198,7 +198,7 @@ def forward_cached(model: GPT, idx: torch.Tensor, cache: KVCache, rope_start: in
         raise ValueError(f"idx has batch {idx.shape[0]} but the cache was built for batch {cache.k.shape[1]}")
     start = cache.length if rope_start is None else rope_start
     check_ints(0, rope_start=start)
-    x = model.tok_emb(idx.to(model.tok_emb.weight.device))              # (B, T, C): ids go where the model is
+    x = model.tok_emb(idx.to(model_device(model)))              # (B, T, C): ids go where the model is
     for layer, block in enumerate(model.blocks):
         x = x + attend(block.attn, block.norm1(x), cache, layer, start)
         x = x + block.mlp(block.norm2(x))
@@ -216,7 +216,7 @@ def generate_cached(model: GPT, prompt: torch.Tensor, max_new_tokens: int, cache
     token is rotated as if it sat at position 0 (what calling a forward with its default start_pos=0 does).
     """
     _check_loop(model, prompt, max_new_tokens)
-    prompt = prompt.to(model.tok_emb.weight.device)
+    prompt = prompt.to(model_device(model))
     B, T0 = prompt.shape
     if cache is None:
         cache = KVCache.for_model(model, B, T0 + max_new_tokens - 1)
@@ -245,7 +245,7 @@ def generate_naive(model: GPT, prompt: torch.Tensor, max_new_tokens: int, *, ret
     _check_loop(model, prompt, max_new_tokens)
     was_training = model.training
     model.eval()
-    idx, step_logits = prompt.to(model.tok_emb.weight.device), []
+    idx, step_logits = prompt.to(model_device(model)), []
     for _ in range(max_new_tokens):
         logits = model(idx)[0][:, -1]                                   # (B, V): only the last row is used
         step_logits.append(logits)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.data import RecallItem, recall_hits, recall_items  # noqa: F401  (re-exported: the notebook's names)
-from shared.model import GPT, Attention, GPTConfig, apply_rope, rope_cos_sin
+from shared.model import GPT, Attention, GPTConfig, apply_rope, model_device, rope_cos_sin
 from shared.validate import check_int
 
 
@@ -137,7 +137,7 @@ def with_attention(model, attn_factory=None):
     scaled RoPE table. Strict loading: a model whose other parts differ from the default GPT raises."""
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a shared.model.GPT, got {type(model).__name__}")
-    copy = GPT(model.cfg, attn_factory=attn_factory).to(next(model.parameters()).device)   # on the model's device
+    copy = GPT(model.cfg, attn_factory=attn_factory).to(model_device(model))   # on the model's device
     copy.load_state_dict(model.state_dict())
     return copy.eval()
 
@@ -171,7 +171,7 @@ def loss_by_position(model, stream: torch.Tensor, length: int, n_seq: int) -> to
         raise TypeError("stream must be a 1-D tensor of token ids")
     if len(stream) < n_seq * length + 1:
         raise ValueError(f"stream has {len(stream)} tokens, need n_seq * length + 1 = {n_seq * length + 1}")
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     x = stream[:n_seq * length].view(n_seq, length).to(dev)
     y = stream[1:n_seq * length + 1].view(n_seq, length).to(dev)
     with torch.no_grad():
@@ -204,7 +204,7 @@ def aligned_loss(model, stream: torch.Tensor, length: int, n: int, first_token: 
     (n, length) on the CPU; its mean is the validation loss at `length`, its column means the loss by position."""
     check_int("batch_size", batch_size, 1)
     x, y = aligned_windows(stream, length, n, first_token, torch.Generator().manual_seed(seed))
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     out = []
     with torch.no_grad():
         for i in range(0, n, batch_size):

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 import shared
-from shared.model import GPT, Block, GPTConfig
+from shared.model import GPT, Block, GPTConfig, model_device
 from shared.train import evaluate, train
 from shared.validate import check_int
 
@@ -43,11 +43,6 @@ PLACEMENTS = ("pre", "post")
 
 # ----------------------------------------------------------------------------------------------------------
 # argument checks, gathered
-def _device(model: nn.Module) -> torch.device:
-    """Where the model's weights live: every helper that feeds it moves its inputs there."""
-    return next(model.parameters()).device
-
-
 def _check_choice(name: str, value, allowed: tuple) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, one of {allowed}, got {type(value).__name__}")
@@ -338,7 +333,7 @@ def build_gpt(cfg: GPTConfig, norm: str = "rms", mlp: str = "swiglu", placement:
 def residual_norms(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     """RMS of the residual stream (mean over B, T of ||x_t|| / sqrt(C)) after the embedding and after each
     block: a tensor (n_layer + 1,)."""
-    idx = idx.to(_device(model))
+    idx = idx.to(model_device(model))
     out = []
     hooks = [model.tok_emb.register_forward_hook(lambda m, i, o: out.append(o))]
     hooks += [b.register_forward_hook(lambda m, i, o: out.append(o)) for b in model.blocks]
@@ -355,7 +350,7 @@ def residual_norms(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 
 def block_grad_norms(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """L2 norm of the loss gradient over each block's parameters, from one backward pass: (n_layer,)."""
-    dev = _device(model)
+    dev = model_device(model)
     model.zero_grad(set_to_none=True)
     _, loss = model(idx.to(dev), targets.to(dev))
     loss.backward()
@@ -373,7 +368,7 @@ def mlp_hidden(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     out = []
     hooks = [b.mlp.down_proj.register_forward_pre_hook(lambda m, i: out.append(i[0])) for b in model.blocks]
     try:
-        model(idx.to(_device(model)))
+        model(idx.to(model_device(model)))
     finally:
         for h in hooks:
             h.remove()
@@ -386,7 +381,7 @@ def residual_stream(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     out = []
     h = model.blocks[-1].register_forward_hook(lambda m, i, o: out.append(o))
     try:
-        model(idx.to(_device(model)))
+        model(idx.to(model_device(model)))
     finally:
         h.remove()
     return out[0]
@@ -482,7 +477,7 @@ def _probe(model: GPT, probe: torch.Tensor, probe_targets: torch.Tensor | None) 
     `down_proj` reads) and the loss gradient with respect to each block's output, as lists of flat tensors."""
     if probe_targets is None:
         return {"res": residual_norms(model, probe)}
-    probe, probe_targets = probe.to(_device(model)), probe_targets.to(_device(model))
+    probe, probe_targets = probe.to(model_device(model)), probe_targets.to(model_device(model))
     streams, hidden = [], []
     hooks = [model.tok_emb.register_forward_hook(lambda m, i, o: streams.append(o))]
     hooks += [b.register_forward_hook(lambda m, i, o: streams.append(o)) for b in model.blocks]

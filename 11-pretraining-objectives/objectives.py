@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shared.model import Attention, GPT, GPTConfig, decode
+from shared.model import Attention, GPT, GPTConfig, decode, model_device
 from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls ob.wilson)
 
 MASK, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|mask|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
@@ -288,7 +288,7 @@ def forward_masked(model: GPT, ctx: MaskContext, x: torch.Tensor, prefix_len) ->
     model.eval()
     ctx.prefix_len = prefix_len
     try:
-        return model(x.to(next(model.parameters()).device))[0].float().cpu()
+        return model(x.to(model_device(model)))[0].float().cpu()
     finally:
         ctx.prefix_len = None
 

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from shared.model import model_device  # re-exported: one device rule for the repository
 from shared.stats import wilson  # noqa: F401  (re-exported: the notebook calls ft.wilson)
 
 __all__ = ["TASKS", "ROLE_TOKENS", "CHAT_TEMPLATE", "fact_sentence", "qa_examples", "add_chat_tokens", "collate",
@@ -43,14 +44,6 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 FORMATS = ("chat", "plain")
-
-
-def model_device(model) -> torch.device:
-    """The device of a model's first parameter (where its inputs must go)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        raise ValueError("the model has no parameter, so no device") from None
 
 
 def to_device(batch: dict, model) -> dict:

@@ -26,7 +26,7 @@ from scipy.optimize import curve_fit
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from shared.model import GPTConfig
+from shared.model import GPTConfig, model_device
 from shared.validate import check_int
 
 
@@ -90,7 +90,7 @@ def count_step_flops(model, x: torch.Tensor, y: torch.Tensor, math_attention: bo
     """
     if x.dim() != 2 or x.shape != y.shape:
         raise ValueError(f"x and y must be (B, T) of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     x, y = x.to(dev), y.to(dev)
     backends = [SDPBackend.MATH] if math_attention else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(backends), FlopCounterMode(display=False) as counter:
@@ -254,7 +254,7 @@ def story_token_losses(model, tokenizer, texts: list[str], batch_size: int = 50)
     eos = tokenizer.eos_token_id
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     was_training = model.training
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     model.eval()
     out = []
     for i in range(0, len(ids), batch_size):
@@ -346,18 +346,20 @@ def train_wsd(model, tokens: torch.Tensor, evaluate, *, ends, batch_size: int, s
         raise ValueError(f"every branch must start after the warm-up ({warmup} steps): shortest end {ends[0]} "
                          f"with cooldown {cooldown} forks at step {min(forks)}")
 
+    dev = model_device(model)                              # branches are copies of the model: the same device
+    on_gpu = dev.type == "cuda"
+
     def _sync(m):                                          # a GPU runs asynchronously: wait before the clock
-        if next(m.parameters()).device.type == "cuda":
+        if on_gpu:
             torch.cuda.synchronize()
 
     # on the CPU the process's CPU time (a loaded machine stretches wall time, not the work); on a GPU wall time
-    clock = time.perf_counter if next(model.parameters()).device.type == "cuda" else time.process_time
+    clock = time.perf_counter if on_gpu else time.process_time
 
     def step_once(m, opt, g, step, end):
         for group in opt.param_groups:
             group["lr"] = wsd_lr(step, end, lr, warmup, cooldown)
         x, y = random_windows(tokens, seq_len, batch_size, g)
-        dev = next(m.parameters()).device
         return train_step(m, opt, x.to(dev), y.to(dev), grad_clip)             # the shared optimizer step
 
     opt = make_optimizer(model, lr, weight_decay, betas)
@@ -430,7 +432,7 @@ def saved_tensor_bytes(model, x: torch.Tensor, y: torch.Tensor) -> int:
     """
     if x.dim() != 2 or x.shape != y.shape:
         raise ValueError(f"x and y must be (B, T) of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     x, y = x.to(dev), y.to(dev)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shared.model import model_device
+
 __all__ = ["QuantTensor", "quantize", "pack_bits", "unpack_bits", "QuantLinear", "GGUFTensor", "gguf_quantize",
            "gguf_dequantize", "GGUF_BLOCK_BYTES", "FloatTensor", "quantize_model", "token_nlls", "quant_error",
            "write_gguf", "fake_quant", "FakeQuantModel", "linear_inputs", "awq_search", "awq_quantize",
@@ -42,16 +44,6 @@ __all__ = ["QuantTensor", "quantize", "pack_bits", "unpack_bits", "QuantLinear",
 BITS = (2, 3, 4, 8)                  # supported integer widths (3 bits: a bit stream straddling bytes)
 GGUF_BLOCK = 32
 GGUF_BLOCK_BYTES = {"Q8_0": 2 + 32, "Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16}
-
-
-def _device(model: nn.Module) -> torch.device:
-    """Where `model` computes: the device of its first parameter (or buffer); the CPU for a parameter-free wrapper
-    (an ONNX Runtime session, which takes CPU inputs)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------- validators
@@ -470,7 +462,7 @@ def token_nlls(model: nn.Module, tokens: torch.Tensor, seq_len: int, batch_size:
         raise ValueError(f"tokens must be 1-D with >= seq_len + 1 entries, got shape {tuple(tokens.shape)}")
     model.eval()
     n_full = (len(tokens) - 1) // seq_len
-    tokens = tokens.to(_device(model))
+    tokens = tokens.to(model_device(model))
     x_all = tokens[: n_full * seq_len].view(n_full, seq_len)
     y_all = tokens[1: n_full * seq_len + 1].view(n_full, seq_len)
     out = []
@@ -637,7 +629,7 @@ def linear_inputs(model: nn.Module, idx: torch.Tensor, names=None) -> dict[str, 
     handles = [m.register_forward_hook(hook(n)) for n, m in todo]
     try:
         with torch.no_grad():
-            model(idx.to(_device(model)))
+            model(idx.to(model_device(model)))
     finally:
         for h in handles:
             h.remove()
@@ -741,7 +733,7 @@ def window_metrics(model: nn.Module, tokens: torch.Tensor, seq_len: int, ref_log
                                  or tuple(ref_logp.shape[:2]) != (n_full, seq_len)):
         raise ValueError(f"ref_logp must be ({n_full}, {seq_len}, V), got "
                          f"{tuple(ref_logp.shape) if torch.is_tensor(ref_logp) else type(ref_logp).__name__}")
-    tokens = tokens.to(_device(model))
+    tokens = tokens.to(model_device(model))
     x_all = tokens[: n_full * seq_len].view(n_full, seq_len)
     y_all = tokens[1: n_full * seq_len + 1].view(n_full, seq_len)
     out = {"nll": [], "kl": [], "top1": [], "logp": []}

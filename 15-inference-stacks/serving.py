@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from shared.model import GPT, Attention, apply_rope, rope_table
+from shared.model import GPT, Attention, apply_rope, model_device, rope_table
 from shared.validate import check_ints
 
 __all__ = ["OutOfBlocksError", "PagedKVCache", "project_at", "forward_paged", "Request", "StepStats", "Engine", "mixed_workload",
@@ -252,7 +252,7 @@ def forward_paged(model: GPT, cache: PagedKVCache, seqs: list[int], chunks: list
     for s, L0, T in zip(seqs, starts, sizes):
         if L0 + T > len(cache.tables[s]) * cache.block_size:
             raise OutOfBlocksError(f"sequence {s}: room for {L0 + T} tokens was not reserved")
-    dev = next(model.parameters()).device                                 # inputs go where the model is
+    dev = model_device(model)                                 # inputs go where the model is
     positions = torch.cat([torch.arange(L0, L0 + T, device=dev) for L0, T in zip(starts, sizes)])      # (sum T,)
     new_slots = torch.cat([cache.slots(s, L0, T) for s, L0, T in zip(seqs, starts, sizes)])  # where k, v go
     seen_slots = [cache.slots(s, 0, L0 + T) for s, L0, T in zip(seqs, starts, sizes)]      # what each reads
@@ -505,7 +505,7 @@ def reference_outputs(model: GPT, requests: list[Request]) -> list[list[int]]:
 
     out = []
     for r in requests:
-        ids = decode(model, torch.tensor([r.prompt], device=next(model.parameters()).device), r.max_new_tokens,
+        ids = decode(model, torch.tensor([r.prompt], device=model_device(model)), r.max_new_tokens,
                      greedy_next)
         out.append(ids[0, len(r.prompt):].cpu().tolist())
     return out

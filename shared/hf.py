@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .model import GPT, GPTConfig, Attention, MLP, RMSNorm, load_weights
+from .model import GPT, GPTConfig, Attention, MLP, RMSNorm, load_weights, model_device
 
 
 def _check_llama_shaped(model: GPT) -> None:
@@ -70,7 +70,7 @@ def to_hf(model: GPT, tokenizer=None):
     load_weights(hf, theirs, tied=model.cfg.tie_embeddings)
     if model.cfg.tie_embeddings:
         hf.tie_weights()
-    return hf.to(next(model.parameters()).device).eval()
+    return hf.to(model_device(model)).eval()
 
 
 def save_hf(model: GPT, tokenizer, path: str | Path) -> Path:

@@ -111,7 +111,7 @@ def device_guard(model):
             if dev is not None and t.device != dev:
                 raise ValueError(f"device mismatch: a {tuple(t.shape)} input on {t.device} reached "
                                  f"{name or 'the model'} ({type(module).__name__}) on {dev}; move inputs to the "
-                                 f"model's device (next(model.parameters()).device)")
+                                 f"model's device (shared.model.model_device(model))")
 
     handles = []
     try:
