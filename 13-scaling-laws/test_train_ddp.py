@@ -40,14 +40,21 @@ def _run(tmp_path, name, args, nproc=None) -> dict:
     return json.loads(out.read_text())
 
 
+def _run_here(args) -> dict:
+    """One plain process, run inside this one (no launcher, no RANK): what `python train_ddp.py` computes, without
+    the start-up of a fresh interpreter (CPU budget)."""
+    assert "RANK" not in os.environ, "the in-process reference must not see a launcher's RANK"
+    return train_ddp.main([*COMMON, *args])
+
+
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("one"), "one", ["--global-batch", "8"])
+def single():
+    return _run_here(["--global-batch", "8"])
 
 
 def test_ddp_two_processes_equal_one_process(single, tmp_path):
     ddp = _run(tmp_path, "ddp", ["--global-batch", "8"], nproc=_NPROC)
-    half = _run(tmp_path, "half", ["--global-batch", "4"])         # control: what one rank alone would train on
+    half = _run_here(["--global-batch", "4"])         # control: what one rank alone would train on
     assert ddp["world_size"] == 2 and ddp["local_batch"] == 4 and single["world_size"] == 1
     one, two, ctrl = (np.array(r["losses"]) for r in (single, ddp, half))
     assert one[-1] < one[0] - 1.0                                   # it trains
