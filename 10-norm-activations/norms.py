@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 import shared
 from shared.model import GPT, Block, GPTConfig, model_device
@@ -48,6 +49,13 @@ def _check_choice(name: str, value, allowed: tuple) -> None:
         raise TypeError(f"{name} must be a string, one of {allowed}, got {type(value).__name__}")
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_gain(gain) -> None:
+    if isinstance(gain, bool) or not isinstance(gain, (int, float)):
+        raise TypeError(f"alpha_gain must be a float, got {type(gain).__name__}")
+    if not (math.isfinite(gain) and gain > 0):
+        raise ValueError(f"alpha_gain must be a positive finite float, got {gain!r}")
 
 
 def _check_eps(eps) -> None:
@@ -125,17 +133,38 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-class DyT(nn.Module):
-    """Dynamic Tanh: a learned scalar alpha (init `alpha0`, the paper's default 0.5), weight ones, bias zeros."""
+class _Gain(nn.Module):
+    """alpha = gain * a, a the trained tensor (a `torch.nn.utils.parametrize` parametrisation)."""
 
-    def __init__(self, dim: int, alpha0: float = 0.5):
+    def __init__(self, gain: float):
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, a):
+        return self.gain * a
+
+    def right_inverse(self, alpha):
+        return alpha / self.gain
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh: a learned scalar alpha (init `alpha0`, the paper's default 0.5), weight ones, bias zeros.
+
+    `alpha_gain` g != 1 trains a = alpha / g instead of alpha (`self.alpha` still reads alpha). Adam's step does
+    not depend on the gradient's scale, so it moves a by about lr per step and alpha by about g * lr: alpha gets
+    g times the learning rate of every other weight, without a separate optimiser parameter group."""
+
+    def __init__(self, dim: int, alpha0: float = 0.5, alpha_gain: float = 1.0):
         super().__init__()
         check_int("dim", dim, 1)
         if isinstance(alpha0, bool) or not isinstance(alpha0, (int, float)) or not alpha0 > 0:
             raise ValueError(f"alpha0 must be a positive float, got {alpha0!r}")
+        _check_gain(alpha_gain)
         self.alpha = nn.Parameter(torch.tensor(float(alpha0)))
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
+        if alpha_gain != 1:
+            parametrize.register_parametrization(self, "alpha", _Gain(float(alpha_gain)))
 
     def forward(self, x):
         return dyt(x, self.alpha, self.weight, self.bias)
@@ -152,22 +181,22 @@ class NoNorm(nn.Module):
         return x
 
 
-def make_norm(kind: str, dim: int, eps: float = 1e-5, alpha0: float = 0.5) -> nn.Module:
-    """One of NORMS as a module over C = dim (`alpha0`: DyT's initial alpha, ignored by the others)."""
+def make_norm(kind: str, dim: int, eps: float = 1e-5, alpha0: float = 0.5, alpha_gain: float = 1.0) -> nn.Module:
+    """One of NORMS as a module over C = dim (`alpha0`, `alpha_gain`: DyT's, ignored by the others)."""
     _check_choice("kind", kind, NORMS)
     if kind == "layer":
         return LayerNorm(dim, eps)
     if kind == "rms":
         return RMSNorm(dim, eps)
-    return DyT(dim, alpha0) if kind == "dyt" else NoNorm(dim)
+    return DyT(dim, alpha0, alpha_gain) if kind == "dyt" else NoNorm(dim)
 
 
-def norm_factory(kind: str, alpha0: float = 0.5) -> Callable[[GPTConfig], nn.Module]:
+def norm_factory(kind: str, alpha0: float = 0.5, alpha_gain: float = 1.0) -> Callable[[GPTConfig], nn.Module]:
     """`GPT(cfg, norm_factory=norm_factory("dyt"))`: every norm of the model (blocks and final) of this kind."""
     _check_choice("kind", kind, NORMS)
     if kind == "dyt":
-        DyT(1, alpha0)                                         # validates alpha0 now, not at the first build
-    return lambda cfg: make_norm(kind, cfg.d_model, cfg.norm_eps, alpha0)
+        DyT(1, alpha0, alpha_gain)                             # validates alpha0 now, not at the first build
+    return lambda cfg: make_norm(kind, cfg.d_model, cfg.norm_eps, alpha0, alpha_gain)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,9 +332,10 @@ def norm_modules(model: GPT) -> list[tuple[str, nn.Module]]:
 
 
 def build_gpt(cfg: GPTConfig, norm: str = "rms", mlp: str = "swiglu", placement: str = "pre",
-              seed: int = 0, alpha0: float | tuple[float, ...] = 0.5) -> GPT:
+              seed: int = 0, alpha0: float | tuple[float, ...] = 0.5, alpha_gain: float = 1.0) -> GPT:
     """A shared GPT with our norm, MLP and placement, initialised from `seed`. `alpha0`: DyT's initial alpha, one
-    float for every norm, or one per norm in `norm_modules` order (2 n_layer + 1 values: a per-layer init)."""
+    float for every norm, or one per norm in `norm_modules` order (2 n_layer + 1 values: a per-layer init).
+    `alpha_gain`: DyT's alpha trained at that multiple of the learning rate (see `DyT`)."""
     if not isinstance(cfg, GPTConfig):
         raise TypeError(f"cfg must be a GPTConfig, got {type(cfg).__name__}")
     _check_choice("norm", norm, NORMS)
@@ -318,11 +348,14 @@ def build_gpt(cfg: GPTConfig, norm: str = "rms", mlp: str = "swiglu", placement:
         for a in alpha0:
             DyT(1, a)                                          # each must be a positive float
     torch.manual_seed(seed)
-    model = GPT(cfg, mlp_factory=mlp_factory(mlp), norm_factory=norm_factory(norm, 1.0 if per_layer else alpha0))
+    model = GPT(cfg, mlp_factory=mlp_factory(mlp), norm_factory=norm_factory(norm, 1.0 if per_layer else alpha0, alpha_gain))
     if per_layer and norm == "dyt":
         with torch.no_grad():
             for (_, m), a in zip(norm_modules(model), alpha0):
-                m.alpha.fill_(float(a))
+                if parametrize.is_parametrized(m, "alpha"):     # stored as a / gain (the gain's right_inverse)
+                    m.alpha = torch.tensor(float(a))
+                else:
+                    m.alpha.fill_(float(a))
     model = to_post_norm(model) if placement == "post" else model
     return model.to(shared.device())                          # the CPU at the cpu size: built there, moved nowhere
 
@@ -422,10 +455,10 @@ class Run:
 def run(cfg: GPTConfig, train_tokens: torch.Tensor, val_tokens: torch.Tensor, *, norm: str, mlp: str,
         placement: str = "pre", seed: int = 0, steps: int, lr: float, warmup: int | None = None,
         batch_size: int = 16, eval_batches: int = 8, return_model: bool = False,
-        alpha0: float | tuple[float, ...] = 0.5):
+        alpha0: float | tuple[float, ...] = 0.5, alpha_gain: float = 1.0):
     """Build (seeded) and train one configuration with `shared.train.train`; batches follow the same seed, so
     two configurations with one seed see the same data in the same order. A non-finite loss is kept as is."""
-    model = build_gpt(cfg, norm, mlp, placement, seed, alpha0)
+    model = build_gpt(cfg, norm, mlp, placement, seed, alpha0, alpha_gain)
     hist = train(model, train_tokens, None, steps=steps, batch_size=batch_size, seq_len=cfg.block_size, lr=lr,
                  warmup=warmup, seed=seed, progress=False)
     val = evaluate(model, val_tokens, cfg.block_size, batch_size, eval_batches, seed=1)

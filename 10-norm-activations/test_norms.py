@@ -339,3 +339,25 @@ def test_model_facing_helpers_move_inputs_to_the_models_device():
             with pytest.raises((NotImplementedError, RuntimeError)):      # stops at its first .item() on meta
                 norms.train_tracking(model, torch.randint(0, 50, (500,)), idx, probe_targets=idx, steps=2,
                                      batch_size=2, lr=1e-2, every=1)
+
+
+def test_dyt_alpha_gain_multiplies_alphas_step_not_its_value():
+    x = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(6))
+    slow, fast = norms.DyT(16, alpha0=3.0), norms.DyT(16, alpha0=3.0, alpha_gain=100.0)
+    assert fast.alpha.item() == pytest.approx(3.0) and "parametrizations.alpha.original" in dict(fast.named_parameters())
+    torch.testing.assert_close(fast(x), slow(x))
+    moved = {}
+    for name, m in (("slow", slow), ("fast", fast)):
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        m(x).pow(2).sum().backward()
+        opt.step()
+        moved[name] = abs(m.alpha.item() - 3.0)
+    # Adam's first step moves every trained tensor by lr: alpha by lr, and by gain * lr through the gain
+    assert moved["slow"] == pytest.approx(1e-3, rel=1e-3) and moved["fast"] == pytest.approx(0.1, rel=1e-3)
+    # the per-layer init reaches a gained alpha too, and the same model otherwise
+    model = norms.build_gpt(cfg(), "dyt", "gelu", "pre", seed=0, alpha0=(9.0, 8.0, 7.0, 6.0, 5.0), alpha_gain=10.0)
+    assert [m.alpha.item() for _, m in norms.norm_modules(model)] == pytest.approx([9.0, 8.0, 7.0, 6.0, 5.0])
+    with pytest.raises(ValueError, match="alpha_gain"):
+        norms.DyT(8, alpha_gain=0.0)
+    with pytest.raises(TypeError, match="alpha_gain"):
+        norms.norm_factory("dyt", alpha_gain="fast")
