@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shared.model import GPT, GPTConfig, MLP, load_weights
+from shared.model import GPT, GPTConfig, MLP, load_weights, model_device
 from shared.hf import llama_config_kwargs
 from shared.validate import check_int
 
@@ -320,7 +320,7 @@ def to_mixtral(model: MoEGPT, tokenizer=None):
     load_weights(hf, mixtral_state_dict(model), tied=cfg.tie_embeddings)
     if cfg.tie_embeddings:
         hf.tie_weights()
-    return hf.eval()
+    return hf.to(model_device(model)).eval()                        # on our model's device, like shared.hf.to_hf
 
 
 def load_into_hf_block(moe: MoE, block) -> None:
@@ -386,10 +386,11 @@ def collect_routing(model: MoEGPT, tokens: torch.Tensor, seq_len: int, batch_siz
     n = len(tokens) // seq_len
     windows = tokens[: n * seq_len].view(n, seq_len)
     per_layer = [[] for _ in model.moe_layers()]
+    dev = model_device(model)
     for i in range(0, n, batch_size):
-        model(windows[i:i + batch_size])
+        model(windows[i:i + batch_size].to(dev))
         for store, m in zip(per_layer, model.moe_layers()):
-            store.append(m.last_experts)
+            store.append(m.last_experts.cpu())                   # results on the CPU, like the ids they pair with
     model.train(was_training)
     return windows.reshape(-1), [torch.cat(s) for s in per_layer]
 
@@ -438,8 +439,9 @@ def fact_eval(model: GPT, table: torch.Tensor) -> tuple[float, float]:
         raise ValueError(f"table must be a non-empty 1-D tensor, got shape {tuple(table.shape)}")
     was_training = model.training
     model.eval()
-    x = torch.arange(len(table))[:, None]
-    y = (len(table) + table)[:, None]
+    dev = model_device(model)
+    x = torch.arange(len(table), device=dev)[:, None]
+    y = (len(table) + table.to(dev))[:, None]
     logits, loss = model(x, y)
     model.train(was_training)
     return loss.item() / math.log(2), (logits[:, 0].argmax(-1) == y[:, 0]).double().mean().item()

@@ -303,3 +303,23 @@ def test_fact_task():
         fact_eval(model, torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(TypeError, match="GPT"):
         freeze_random_embeddings(torch.nn.Linear(2, 2))
+
+
+def test_helpers_move_cpu_inputs_to_the_models_device():
+    # The GPU rule without a GPU: the model on `meta`; inside device_guard an input left on the CPU raises a
+    # ValueError naming the layer. A meta tensor has no values, so each helper may stop at its first read of one
+    # (NotImplementedError/RuntimeError): that means every input reached the model on its device.
+    from shared.validate import device_guard
+
+    torch.manual_seed(0)
+    table = fact_table(64, 8, seed=3)
+    model = freeze_random_embeddings(GPT(GPTConfig(vocab_size=72, block_size=1, n_layer=1, n_head=2, d_model=16)))
+    moe = MoEGPT(_tiny_cfg(), n_experts=4, top_k=2, d_ff=24)
+    for m, call in ((model, lambda: fact_eval(model, table)),
+                    (moe, lambda: collect_routing(moe, torch.randint(0, 50, (32,)), seq_len=16))):
+        m.to("meta")
+        with device_guard(m):
+            try:
+                call()
+            except (NotImplementedError, RuntimeError) as err:
+                assert "device" not in str(err).lower() or "meta" in str(err).lower(), err

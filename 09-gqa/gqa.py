@@ -18,7 +18,6 @@ G = H // K queries per key/value head, D head_dim, R latent rank, Dr the latent 
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import random
@@ -28,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shared.model import GPT, Attention, GPTConfig, apply_rope, rope_table
+from shared.model import GPT, Attention, GPTConfig, apply_rope, model_device, rope_table
 from shared.train import train
 
 KERNELS = ("grouped", "repeat", "sdpa")
@@ -355,7 +354,7 @@ def convert_to_gqa(model: GPT, n_kv_head: int, groups=None, pool: str = "mean") 
     per_layer = groups if groups and isinstance(groups[0][0], (list, tuple)) else [groups] * cfg.n_layer
     if len(per_layer) != cfg.n_layer:
         raise ValueError(f"need one grouping per layer ({cfg.n_layer}), got {len(per_layer)}")
-    new = GPT(GPTConfig(**{**cfg.to_dict(), "n_kv_head": n_kv_head}))
+    new = GPT(GPTConfig(**{**cfg.to_dict(), "n_kv_head": n_kv_head})).to(model_device(model))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for i, layer_groups in enumerate(per_layer):
         layer_groups = _check_groups(layer_groups, H)
@@ -388,7 +387,7 @@ def head_distances(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     hooks = [b.attn.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
              for i, b in enumerate(model.blocks)]
     try:
-        model.eval()(idx)
+        model.eval()(idx.to(model_device(model)))
     finally:
         for h in hooks:
             h.remove()
@@ -483,12 +482,3 @@ class BigramModel(nn.Module):
         logits = self.log_probs[idx]                                          # (B, T, V)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Moving weights between attention modules
-def copy_model(model: GPT, attn_factory=None) -> GPT:
-    """The same weights in a GPT built with another attention module (state-dict keys must match)."""
-    new = GPT(copy.deepcopy(model.cfg), attn_factory=attn_factory)
-    new.load_state_dict(model.state_dict())
-    return new.eval()

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import gqa
-from shared.model import GPT, GPTConfig, decode, greedy_next
+from shared.model import GPT, GPTConfig, decode, greedy_next, rebuild
 
 ATOL = 1e-5   # float32 attention of unit-scale inputs computed in another order
 
@@ -35,7 +35,7 @@ def test_repeat_kv_matches_repeat_interleave_and_causal_mask_offsets():
 def test_module_equals_shared_attention_and_cached_decode_equals_recompute(n_kv, kernel):
     torch.manual_seed(0)
     ref = GPT(cfg(n_kv)).eval()
-    ours = gqa.copy_model(ref, gqa.grouped_factory(kernel))
+    ours = rebuild(ref, gqa.grouped_factory(kernel))
     idx = torch.randint(0, 97, (3, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx)[0], ref(idx)[0], atol=ATOL, rtol=0)
@@ -61,7 +61,7 @@ def test_hf_llama_with_num_key_value_heads():
     from shared.hf import to_hf
     torch.manual_seed(2)
     ref = GPT(cfg(2)).eval()
-    ours = gqa.copy_model(ref, gqa.grouped_factory("grouped"))
+    ours = rebuild(ref, gqa.grouped_factory("grouped"))
     idx = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         theirs = to_hf(ref)(idx).logits
@@ -87,7 +87,7 @@ def test_latent_attention_with_identity_down_projection_is_mha():
 def test_absorbed_latent_attention_equals_naive_and_caches_rank_plus_rope_dims(pos, rope_dim):
     torch.manual_seed(5)
     naive = GPT(cfg(8, pos=pos), attn_factory=gqa.latent_factory(12, rope_dim)).eval()
-    absorbed = gqa.copy_model(naive, gqa.latent_factory(12, rope_dim, absorbed=True))
+    absorbed = rebuild(naive, gqa.latent_factory(12, rope_dim, absorbed=True))
     idx = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(absorbed(idx)[0], naive(idx)[0], atol=ATOL, rtol=0)
@@ -105,7 +105,7 @@ def test_uptrain_is_train_at_a_constant_rate_and_evaluates_at_each_budget():
     tokens = torch.randint(0, 97, (2000,))
     torch.manual_seed(6)
     a = GPT(cfg(2)).train()
-    b = gqa.copy_model(a).train()
+    b = rebuild(a).train()
     seen = []
     curve = gqa.uptrain(a, tokens, lambda m: seen.append(m.training) or float(len(seen)), (3, 1), lr=1e-3,
                         batch_size=2, seq_len=16, seed=3, progress=False)
@@ -210,3 +210,18 @@ def test_cache_position_mismatch_raises():
         model(torch.zeros(1, 5, dtype=torch.long), caches=caches)
         with pytest.raises(ValueError, match="start_pos"):
             model(torch.zeros(1, 1, dtype=torch.long), start_pos=3, caches=caches)
+
+
+def test_helpers_move_cpu_inputs_to_the_models_device():
+    # The GPU rule without a GPU: the checkpoint on `meta`, the token ids on the CPU; inside device_guard an input on
+    # another device than a layer raises a ValueError. The conversion builds its model on the checkpoint's device.
+    from shared.validate import device_guard
+
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, d_model=32)).to("meta")
+    with device_guard(model):
+        dist = gqa.head_distances(model, torch.randint(0, 50, (2, 16)))
+    assert dist.shape == (2, 4, 4) and dist.device.type == "meta"
+    converted = gqa.convert_to_gqa(model, 2)
+    assert converted.tok_emb.weight.device.type == "meta"
+    with device_guard(converted):
+        assert converted(torch.randint(0, 50, (2, 16)).to("meta"))[0].shape == (2, 16, 50)

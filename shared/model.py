@@ -437,6 +437,18 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], tied: bool | 
     return model
 
 
+def rebuild(model: GPT, attn_factory: Callable | None = None, mlp_factory: Callable | None = None) -> GPT:
+    """A new GPT with `model`'s config and a copy of its weights whose attention (or MLP) modules come from
+    `attn_factory` (`mlp_factory`; None: the shared `Attention`/`MLP`), on the model's device, in eval mode: the
+    same trained weights read through another attention kernel, a band, a scaled RoPE table. Loading is strict
+    (`load_weights`): a module whose parameter names differ from the default's raises."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"model must be a shared.model.GPT, got {type(model).__name__}")
+    cfg = GPTConfig(**model.cfg.to_dict())                            # its own config object: nothing shared
+    new = GPT(cfg, attn_factory=attn_factory, mlp_factory=mlp_factory).to(model_device(model))
+    return load_weights(new, model.state_dict()).eval()
+
+
 def greedy_next(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The most likely token of each row: (B, V) -> (B,)."""
     return logits.argmax(dim=-1)

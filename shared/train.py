@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import random_windows
+from .model import model_device
 
 
 @dataclass
@@ -61,7 +62,7 @@ def evaluate(model, tokens: torch.Tensor, seq_len: int, batch_size: int = 32, n_
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     losses = []
     for _ in range(n_batches):
         x, y = random_windows(tokens, seq_len, batch_size, g)
@@ -119,7 +120,7 @@ def train(model, train_tokens: torch.Tensor, val_tokens: torch.Tensor | None = N
         (lambda gen: random_windows(train_tokens, seq_len, batch_size, gen))
     warmup = max(1, steps // 20) if warmup is None else warmup
     eval_every = eval_every or max(1, steps // 10)
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     opt = make_optimizer(model, lr, weight_decay, betas)
     g = torch.Generator().manual_seed(seed)
     hist, start, train_time = History(), time.perf_counter(), 0.0
@@ -172,7 +173,7 @@ def evaluate_stream(model, tokens: torch.Tensor, seq_len: int, batch_size: int =
         raise ValueError(f"tokens must be 1-D with >= 2 entries, got shape {tuple(tokens.shape)}")
     was_training = model.training
     model.eval()
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     n_full = (len(tokens) - 1) // seq_len
     windows = tokens[: n_full * seq_len + 1]
     x_all = windows[:-1].view(n_full, seq_len)                     # (N, seq_len)

@@ -259,3 +259,35 @@ def test_model_device_is_where_the_weights_are_or_the_cpu():
     assert model_device(torch.nn.Linear(2, 2).to("meta")).type == "meta"
     assert model_device(torch.nn.BatchNorm1d(2, affine=False).to("meta")).type == "meta"   # buffers only
     assert model_device(lambda x: x).type == "cpu"                                       # no weights at all
+
+
+def test_rebuild_copies_weights_into_other_modules():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=4, n_kv_head=2, d_model=32)
+    model = GPT(cfg).train()
+    idx = torch.randint(0, 40, (2, 16))
+
+    class Halved(model_mod.Attention):           # the same parameters read differently: outputs must change
+        def forward(self, x, *args, **kwargs):
+            return 0.5 * super().forward(x, *args, **kwargs)
+
+    same, halved = model_mod.rebuild(model), model_mod.rebuild(model, attn_factory=Halved)
+    assert not same.training and same.cfg == model.cfg and same.cfg is not model.cfg
+    with torch.no_grad():
+        torch.testing.assert_close(same(idx)[0], model.eval()(idx)[0], rtol=0, atol=0)
+        assert not torch.allclose(halved(idx)[0], same(idx)[0])
+    same.tok_emb.weight.data.zero_()                 # a copy: the original's weights are untouched
+    assert model.tok_emb.weight.abs().sum() > 0
+    assert model_mod.rebuild(model.to("meta")).tok_emb.weight.device.type == "meta"   # on the model's device
+
+    class Renamed(nn.Module):                        # other parameter names: strict loading refuses
+        def __init__(self, cfg, i):
+            super().__init__()
+            self.other = nn.Linear(cfg.d_model, cfg.d_model)
+
+        def forward(self, x, *args, **kwargs):
+            return self.other(x)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        model_mod.rebuild(GPT(cfg), attn_factory=Renamed)
+    with pytest.raises(TypeError, match="GPT"):
+        model_mod.rebuild(nn.Linear(2, 2))
