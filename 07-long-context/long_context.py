@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.data import RecallItem, recall_hits, recall_items  # noqa: F401  (re-exported: the notebook's names)
-from shared.model import GPT, Attention, GPTConfig, apply_rope, model_device, rope_cos_sin
+from shared.model import Attention, GPTConfig, apply_rope, model_device, rebuild, rope_cos_sin
 from shared.validate import check_int
 
 
@@ -131,15 +131,9 @@ def sliding_factory(window: int, sinks: int = 0, renumber: bool = False, layers=
     return make
 
 
-def with_attention(model, attn_factory=None):
-    """A new GPT with `model`'s config and a copy of its weights, whose attention comes from `attn_factory` (None:
-    the shared full causal `Attention`), in eval mode: the same trained weights read through a band, sinks or a
-    scaled RoPE table. Strict loading: a model whose other parts differ from the default GPT raises."""
-    if not isinstance(model, GPT):
-        raise TypeError(f"model must be a shared.model.GPT, got {type(model).__name__}")
-    copy = GPT(model.cfg, attn_factory=attn_factory).to(model_device(model))   # on the model's device
-    copy.load_state_dict(model.state_dict())
-    return copy.eval()
+# The same trained weights read through a band, sinks or a scaled RoPE table: shared.model.rebuild, under the name
+# this notebook reads best (a new GPT with the model's config and a copy of its weights, on its device, in eval mode).
+with_attention = rebuild
 
 
 def renumbered_attention_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int,
